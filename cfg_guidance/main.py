@@ -1,0 +1,50 @@
+"""Command line: train, sample or evaluate a classifier-free guidance model.
+
+  python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits \
+      [--mode=train|sample|evaluate] [--config.train.num_steps=100 ...]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs (found automatically "
+                    "on Cloud TPU and under SLURM).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  # TensorFlow serves data, summaries (CLU) and Inception here: keep it off the
+  # accelerators so it does not claim their memory.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+
+  if FLAGS.mode == "train":
+    from cfg_guidance import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    from cfg_guidance import generate  # pylint: disable=g-import-not-at-top
+    generate.run(config, FLAGS.workdir)
+  else:
+    from cfg_guidance import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

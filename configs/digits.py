@@ -1,0 +1,35 @@
+"""The embedded default: scikit-learn's 8×8 digits, trained on a laptop CPU in minutes.
+
+  python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits
+"""
+
+from configs import adm, default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = "digits"
+  config.data.image_size = 8
+  config.model = adm.digits()
+  config.diffusion.p_uncond = 0.1
+  t = config.train
+  t.num_steps = 4000
+  t.batch_size = 128
+  t.learning_rate = 1e-3
+  t.warmup_steps = 200
+  t.ema_decay = 0.999
+  t.log_every = 100
+  t.checkpoint_every = 1000
+  t.sample_every = 1000
+  t.sample_at_end = True
+  config.grid.num_steps = 128
+  s = config.sample
+  s.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)
+  s.num_samples = 100
+  s.num_steps = 128
+  s.v = 0.3
+  config.eval.extractor = "classifier"
+  config.eval.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)
+  config.eval.num_samples = 1000
+  config.eval.num_steps = 128
+  return config

@@ -1,0 +1,34 @@
+"""The paper's Fig. 2: three 2-D Gaussians, one per class, with the MLP denoiser.
+
+  python -m cfg_guidance.main --config=configs/toy2d.py --workdir=/tmp/cfg_toy2d
+"""
+
+from configs import default
+import ml_collections
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = "toy2d"
+  config.data.image_size = 0  # Points, not images.
+  config.model = ml_collections.ConfigDict(dict(
+      name="mlp", num_classes=3, dim=2, hidden=256, num_blocks=3, dropout=0.0,
+      dtype="float32"))
+  config.diffusion.p_uncond = 0.1
+  t = config.train
+  t.num_steps = 3000
+  t.batch_size = 512
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.ema_decay = 0.995
+  t.log_every = 250
+  t.checkpoint_every = 1000
+  t.sample_every = 0
+  t.sample_at_end = True
+  config.grid.classes = (0, 1, 2)
+  s = config.sample
+  s.guidance_weights = (0.0, 1.0, 3.0)
+  s.num_samples = 3000
+  s.num_steps = 256
+  s.batch_size = 3000
+  return config
