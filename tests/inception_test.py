@@ -1,0 +1,106 @@
+"""Tests for cfg_guidance.inception with a tiny stand-in for the 2015 Inception graph."""
+
+import numpy as np
+import pytest
+
+from cfg_guidance import inception
+
+DIM, CLASSES = inception.FEATURE_DIM, inception.NUM_LOGITS
+
+
+def _bilinear_matrix(size_in, size_out=299):
+  """[out, in] rows of TF1 ResizeBilinear (align_corners=False, no half-pixel shift)."""
+  src = np.arange(size_out) * (size_in / size_out)
+  lo = np.floor(src).astype(int)
+  hi = np.minimum(lo + 1, size_in - 1)
+  frac = src - lo
+  m = np.zeros((size_out, size_in))
+  np.add.at(m, (np.arange(size_out), lo), 1 - frac)
+  np.add.at(m, (np.arange(size_out), hi), frac)
+  return m
+
+
+@pytest.fixture(scope="module")
+def fake_graph(tmp_path_factory):
+  """A GraphDef with the real graph's tensor names and a checkable computation.
+
+  Like the 2015 graph: DecodeJpeg → Cast → ExpandDims (batch 1) → ResizeBilinear to
+  299² → (x − 128)/128; then pool_3 = spatial mean · M (a linear stand-in for the
+  network) and softmax(pool_3 @ W + b), with the [1, 2048] reshape that pins the
+  real graph's own logits to batch 1.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  proj = rng.normal(size=(3, DIM)).astype(np.float32)
+  weights = (rng.normal(size=(DIM, CLASSES)) / 40).astype(np.float32)
+  bias = rng.normal(size=CLASSES).astype(np.float32)
+  graph = tf.Graph()
+  with graph.as_default():
+    contents = tf.compat.v1.placeholder(tf.string, [], name="DecodeJpeg/contents")
+    decoded = tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg")
+    x = tf.expand_dims(tf.cast(decoded, tf.float32, name="Cast"), 0, name="ExpandDims")
+    x = tf.compat.v1.image.resize_bilinear(x, [299, 299], name="ResizeBilinear")
+    x = tf.multiply(tf.subtract(x, 128.0, name="Sub"), 1 / 128, name="Mul")
+    pooled = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    pool3 = tf.identity(tf.nn.conv2d(pooled, proj[None, None], 1, "VALID"), name="pool_3")
+    flat = tf.reshape(pool3, [1, DIM], name="pool_3/_reshape")
+    logits = tf.matmul(flat, tf.constant(weights, name="softmax/weights"),
+                       name="softmax/logits/MatMul")
+    logits = tf.nn.bias_add(logits, tf.constant(bias, name="softmax/biases"),
+                            name="softmax/logits")
+    tf.nn.softmax(logits, name="softmax")
+  path = tmp_path_factory.mktemp("inception") / inception.GRAPH_FILENAME
+  path.write_bytes(graph.as_graph_def().SerializeToString())
+  return path, proj, weights
+
+
+def _expected(images, proj, weights):
+  """float64 reference: bilinear resize, scale, mean-pool, project; logits without bias."""
+  _, h, w, _ = images.shape
+  rows, cols = _bilinear_matrix(h), _bilinear_matrix(w)
+  resized = np.einsum("ah,nhwc,bw->nabc", rows, images.astype(np.float64), cols)
+  features = ((resized - 128) / 128).mean(axis=(1, 2)) @ proj
+  return features, features @ weights
+
+
+def test_features_and_logits_match_reference(fake_graph):
+  path, proj, weights = fake_graph
+  # 7 images of 5×9 in batches of 3: short last batch, non-square, upsampled 299².
+  images = np.random.default_rng(1).integers(0, 256, size=(7, 5, 9, 3), dtype=np.uint8)
+  extractor = inception.InceptionExtractor(path.parent, batch_size=3)
+  features, logits = extractor(images)
+  assert features.shape == (7, DIM) and logits.shape == (7, CLASSES)
+  expected_features, expected_logits = _expected(images, proj, weights)
+  np.testing.assert_allclose(features, expected_features, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+  assert extractor.name == "inception-2015-12-05" and extractor.comparable
+
+
+def test_grayscale_is_repeated_to_rgb(fake_graph):
+  path, proj, weights = fake_graph
+  gray = np.random.default_rng(2).integers(0, 256, size=(4, 6, 6, 1), dtype=np.uint8)
+  features, _ = inception.InceptionExtractor(path)(gray)
+  expected, _ = _expected(np.repeat(gray, 3, axis=-1), proj, weights)
+  np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_float_images_raise(fake_graph):
+  extractor = inception.InceptionExtractor(fake_graph[0])
+  with pytest.raises(ValueError, match="uint8"):
+    extractor(np.zeros((2, 8, 8, 3), np.float32))
+
+
+def test_missing_file_names_config_field_and_url(tmp_path):
+  with pytest.raises(FileNotFoundError, match="eval.inception_path") as info:
+    inception.InceptionExtractor(tmp_path / "nowhere.pb")
+  assert inception.INCEPTION_URL in str(info.value)
+  assert "inception-2015-12-05.tgz" in str(info.value)
+  with pytest.raises(ValueError, match="eval.inception_path"):
+    inception.InceptionExtractor("")
+
+
+def test_wrong_file_raises(tmp_path):
+  path = tmp_path / "bogus.pb"
+  path.write_bytes(b"\x00not a graph\xff" * 10)
+  with pytest.raises(ValueError, match="eval.inception_path"):
+    inception.InceptionExtractor(path)
