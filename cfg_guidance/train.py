@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from cfg_guidance import checkpointing, diffusion, input_pipeline, models, sharding
-from cfg_guidance import config_checks, grids
+from cfg_guidance import config_checks, grids, preemption
 
 
 class NonFiniteError(RuntimeError):
@@ -219,8 +219,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_fn = make_train_fn(config, graphdef, tx, state_shardings, mesh)
   eps_fn = make_eps_fn(graphdef, config.diffusion.parameterization)
-  k = config.train.steps_per_dispatch
-  num_steps = config.train.num_steps
+  watcher = preemption.PreemptionWatcher()
+  try:
+    state, finished = _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher,
+                                  state, train_fn, eps_fn)
+  finally:
+    watcher.close()
+    ckpt.wait_until_finished()
+    writer.flush()
+  if finished and config.train.sample_at_end:
+    from cfg_guidance import generate  # pylint: disable=g-import-not-at-top
+    generate.run(config, str(workdir))
+  return state
+
+
+def _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
+                eps_fn) -> tuple[TrainState, bool]:
+  """Steps until `train.num_steps` (→ finished) or a preemption notice (→ saved, not)."""
+  k, num_steps = config.train.steps_per_dispatch, config.train.num_steps
   step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every)
@@ -238,8 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if _crossed(prev, step, config.train.log_every) or step >= num_steps:
       scalars = _summarize(jax.device_get(history))
       history = []
-      dt = time.time() - t_log
-      scalars["steps_per_sec"] = (step - step_log) / dt
+      scalars["steps_per_sec"] = (step - step_log) / (time.time() - t_log)
       scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
       scalars["learning_rate"] = float(make_lr(config.train)(step))
       scalars["num_nonfinite"] = int(state.num_nonfinite)
@@ -247,13 +262,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       t_log, step_log = time.time(), step
     if _crossed(prev, step, config.train.sample_every) and grids.can_render(config):
       grids.write_training_grid(config, workdir, writer, eps_fn, state.ema_params, step)
-    if _crossed(prev, step, config.train.checkpoint_every) or step >= num_steps:
-      ckpt.save(step, state, data_state=data_iter.get_state(), config=config.to_dict())
+    preempted = watcher.reached(step)
+    if (_crossed(prev, step, config.train.checkpoint_every) or step >= num_steps
+        or preempted):
+      ckpt.save(step, state, data_state=data_iter.get_state(), config=config.to_dict(),
+                force=preempted)
+    if preempted:
+      logging.warning("Preempted: saved step %d to %s; exiting.", step, ckpt.step_path(step))
+      return state, False
   _check_finite(history[-1] if history else None, step,
                 config.train.max_consecutive_nonfinite, ckpt)
-  ckpt.wait_until_finished()
-  writer.flush()
-  return state
+  return state, True
 
 
 def _check_finite(metrics: dict | None, step: int, limit: int, ckpt) -> None:
