@@ -1,0 +1,1 @@
+"""Building blocks of `cfg_guidance.input_pipeline`: sources, decoding, the index stream."""
