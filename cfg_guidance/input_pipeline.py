@@ -251,7 +251,7 @@ def create_dataset(data_config, *, global_batch_size: int, seed: int, split: str
       source, seed=int(seed), process_index=process_index, process_count=process_count,
       batch_size=global_batch_size // process_count, random_flip=random_flip)
   identity = {"seed": int(seed), "dataset": name, "split": split,
-              "global_batch_size": int(global_batch_size), "process_count": process_count}
+              "global_batch_size": int(global_batch_size)}
   return DataIterator(loader, identity=identity,
                       parallelism=_parallelism(data_config, source))
 

@@ -112,17 +112,31 @@ def test_epochs_reshuffle_and_stream_is_deterministic_in_seed():
 
 
 def test_stream_matches_the_documented_index_formula():
-  """Batch k of process i holds records i n + perm(seed, i, p // n)[p % n]."""
+  """Process i's part of global batch k holds records perm(seed, p // N)[p % N] for the
+  positions p = k G + i B + [0, B)."""
   config = _config()
   images, _ = input_pipeline.load_digits_arrays()
-  n = 1797 // 3
+  n = 1797
   it = input_pipeline.create_dataset(config, global_batch_size=3 * 200, seed=7,
                                      process_index=2, process_count=3)
-  got = _concat(_take(it, 4))["image"]  # 800 positions: crosses into the second epoch.
-  positions = np.arange(800)
-  perms = [np.random.default_rng([7, 0, 2, e]).permutation(n) for e in (0, 1)]
-  records = 2 * n + np.array([perms[p // n][p % n] for p in positions])
+  got = _concat(_take(it, 4))["image"]  # 2400 global positions: into the second epoch.
+  positions = np.concatenate([k * 600 + 400 + np.arange(200) for k in range(4)])
+  perms = [np.random.default_rng([7, 0, e]).permutation(n) for e in (0, 1)]
+  records = np.array([perms[p // n][p % n] for p in positions])
   np.testing.assert_array_equal(got, images[records])
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  config = _config()
+  one = _concat(_take(input_pipeline.create_dataset(
+      config, global_batch_size=64, seed=3, process_index=0, process_count=1), 5))
+  parts = [_take(input_pipeline.create_dataset(
+      config, global_batch_size=64, seed=3, process_index=i, process_count=4), 5)
+           for i in range(4)]
+  for k in range(5):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[i][k][key] for i in range(4)]), one[key][64 * k:64 * (k + 1)])
 
 
 def test_random_flip_mirrors_a_fair_share_of_examples():

@@ -88,8 +88,10 @@ def test_one_and_eight_devices_agree(tmp_path, fsdp):
   if fsdp:  # Some parameters really are split over the 8 devices.
     specs = [x.sharding.spec for x in jax.tree.leaves(eight.params)]
     assert any(sharding.DATA_AXIS in spec for spec in specs)
+  # Adam divides by √v, so round-off in near-zero gradients moves a parameter by up to a
+  # fraction of one step (lr = 2e-3): hence atol 1e-4; a sharding bug moves whole steps.
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4)
 
 
 def _poison(monkeypatch, bad_positions):

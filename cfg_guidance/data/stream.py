@@ -1,9 +1,11 @@
 """The deterministic example stream: which record fills each slot of each process's batches.
 
-Process i of P owns the contiguous records [i n, (i + 1) n), n = N // P (the remainder is
-dropped so every process has the same epoch length). Its position p >= 0 holds record
-i n + perm(seed, i, p // n)[p % n], a fresh permutation each epoch, and its batch k holds
-positions [k B, (k + 1) B). So batch k is a pure function of (data, seed, i, P, B, k).
+The stream is global: position p >= 0 holds record perm(seed, p // N)[p % N], a fresh
+permutation of all N records each epoch, and global batch k holds positions
+[k G, (k + 1) G) for the global batch size G. Process i of P builds only its slice,
+positions k G + i B + [0, B) with B = G / P, reading just those records. So the global
+batch is a pure function of (data, seed, G, k), the same whatever the number of processes,
+and a multi-host run trains on exactly what a single host would.
 An unreadable record at position p is counted and replaced by the record at the next
 readable position p + 1, p + 2, ..., which keeps batch shapes and the position map fixed.
 """
@@ -34,16 +36,16 @@ def shard_range(num_records: int, process_index: int, process_count: int, *,
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_permutation(seed: int, process_index: int, epoch: int, size: int) -> np.ndarray:
-  """The order of a shard's `size` records in one epoch: int64 [size]."""
-  rng = np.random.default_rng([seed, _SHUFFLE, process_index, epoch])
+def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+  """The order of all `size` records in one epoch: int64 [size]."""
+  rng = np.random.default_rng([seed, _SHUFFLE, epoch])
   perm = rng.permutation(size)
   perm.flags.writeable = False
   return perm
 
 
 class StreamLoader:
-  """Builds batch k of one process's infinite stream; picklable for grain workers.
+  """Builds this process's slice of global batch k; picklable for grain workers.
 
   Calling it with k returns {"image": [B, ...], "label": int32 [B], "num_skipped": int},
   num_skipped counting the positions of this batch whose own record was unreadable.
@@ -54,34 +56,38 @@ class StreamLoader:
     self.source = source
     self.seed = seed
     self.process_index = process_index
+    self.process_count = process_count
     self.batch_size = batch_size
     self.random_flip = random_flip
-    self.start, stop = shard_range(len(source), process_index, process_count,
-                                   drop_remainder=True)
-    self.size = stop - self.start
+    self.size = len(source)
     if self.size == 0:
-      raise ValueError(f"{len(source)} examples cannot be split over {process_count} "
-                       "processes: every process needs at least one.")
+      raise ValueError("The data set has no examples.")
 
   def records(self, positions: np.ndarray) -> np.ndarray:
     """Record index at each stream position: [M] -> [M]."""
     epochs, offsets = np.divmod(positions, self.size)
     records = np.empty_like(positions)
     for epoch in np.unique(epochs):
-      perm = epoch_permutation(self.seed, self.process_index, int(epoch), self.size)
+      perm = epoch_permutation(self.seed, int(epoch), self.size)
       at = epochs == epoch
       records[at] = perm[offsets[at]]
-    return records + self.start
+    return records
+
+  def _slice(self) -> slice:
+    return slice(self.process_index * self.batch_size,
+                 (self.process_index + 1) * self.batch_size)
 
   def flips(self, step: int) -> np.ndarray:
-    """Horizontal-flip decisions of batch `step`: bool [B]."""
+    """Horizontal-flip decisions of this process's part of batch `step`: bool [B]."""
     if not self.random_flip:
       return np.zeros(self.batch_size, bool)
-    rng = np.random.default_rng([self.seed, _FLIP, self.process_index, step])
-    return rng.random(self.batch_size) < 0.5
+    rng = np.random.default_rng([self.seed, _FLIP, step])
+    return (rng.random(self.batch_size * self.process_count) < 0.5)[self._slice()]
 
   def __call__(self, step: int) -> dict:
-    positions = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    global_batch = self.batch_size * self.process_count
+    positions = (step * global_batch + self.process_index * self.batch_size
+                 + np.arange(self.batch_size, dtype=np.int64))
     flips = self.flips(step)
     images, labels, ok = self.source.load(self.records(positions), flips)
     for slot in np.flatnonzero(~ok):
