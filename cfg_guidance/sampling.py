@@ -114,9 +114,17 @@ def _sample_loop(eps_fn, rng, labels, negative_labels, w, logsnr_range, interval
   logsnrs = diffusion.sampling_logsnrs(num_steps, logsnr_range[0], logsnr_range[1])
   # The last step's successor is never used (its z is discarded); repeat λ_T for shape.
   logsnrs_next = jnp.concatenate([logsnrs[1:], logsnrs[-1:]])
-  init_rng, loop_rng = jax.random.split(rng)
+  if rng.ndim == 0:
+    init_rng, loop_rng = jax.random.split(rng)
+    draw = lambda key: jax.random.normal(key, (n, *shape), jnp.float32)
+  else:  # One key per example: each example's noise is independent of the batch it is in.
+    keys = jax.vmap(jax.random.split)(rng)
+    init_rng, loop_rng = keys[:, 0], keys[:, 1]
+    draw = jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))
+  fold_in = (jax.vmap(jax.random.fold_in, in_axes=(0, None)) if rng.ndim
+             else jax.random.fold_in)
   if z_init is None:
-    z_init = jax.random.normal(init_rng, (n, *shape), jnp.float32)
+    z_init = draw(init_rng)
 
   def body(carry, xs):
     z, _ = carry
@@ -129,7 +137,7 @@ def _sample_loop(eps_fn, rng, labels, negative_labels, w, logsnr_range, interval
     if clip_mode != "none":
       x_pred = threshold_x(x_pred, clip_mode, percentile)
       eps = diffusion.predict_eps_from_x(z, x_pred, logsnr)
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, t), z.shape, z.dtype)
+    noise = draw(fold_in(loop_rng, t))
     z_next = step_fn(z, x_pred, eps, logsnr, logsnr_next, noise, params)
     return (z_next, x_pred), None
 
@@ -188,7 +196,9 @@ def sample(eps_fn: EpsFn, rng, labels, *, shape, guidance_weight, null_label,
 
   Args:
     eps_fn: `eps_fn(z, logsnr, labels) -> eps`, a callable or `jax.tree_util.Partial`.
-    rng: a PRNG key.
+    rng: a PRNG key, or one key per example ([N] typed keys): then example i's noise
+      comes from its own key alone, so it does not depend on the batch, device count
+      or process count it is sampled with.
     labels: [N] ints in [0, null_label] (null_label samples unconditionally).
     shape: the per-example shape, e.g. (64, 64, 3).
     guidance_weight: w, a scalar or [N]; w = 0 is the plain conditional sampler.
@@ -245,6 +255,11 @@ def sample(eps_fn: EpsFn, rng, labels, *, shape, guidance_weight, null_label,
   if lo is not None and hi is not None and lo > hi:
     raise ValueError(f"guidance_interval must have lo <= hi, got {interval!r}.")
 
+  if not jnp.issubdtype(jnp.result_type(rng), jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))  # A raw uint32 key.
+  if np.shape(rng) not in ((), (n,)):
+    raise ValueError(f"rng must be one key or [{n}] keys (one per label), got shape "
+                     f"{np.shape(rng)}.")
   z_init = opts.z_init
   if z_init is not None and tuple(np.shape(z_init)) != (n, *shape):
     raise ValueError(f"z_init must have shape {(n, *shape)}, got {np.shape(z_init)}.")

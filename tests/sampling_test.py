@@ -270,3 +270,17 @@ def test_unknown_option_raises():
   with pytest.raises(TypeError, match="guidance_scale"):
     sampling.sample(toy.exact_eps, jax.random.key(0), np.zeros(2, np.int32), shape=(2,),
                     guidance_weight=1.0, null_label=C, guidance_scale=2.0)
+
+
+def test_per_example_keys_make_samples_independent_of_the_batch():
+  """With one key per example, a sample is the same whether drawn alone or in a batch."""
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(5), jnp.arange(6))
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  kwargs = dict(shape=(2,), guidance_weight=1.5, null_label=toy.NULL_LABEL, num_steps=16)
+  full = sampling.sample(toy.exact_eps, keys, labels, **kwargs)
+  part = sampling.sample(toy.exact_eps, keys[2:5], labels[2:5], **kwargs)
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full[2:5]), rtol=1e-6, atol=1e-6)
+  other = sampling.sample(toy.exact_eps, keys[::-1], labels, **kwargs)
+  assert not np.allclose(np.asarray(other), np.asarray(full))
+  with pytest.raises(ValueError, match="rng"):
+    sampling.sample(toy.exact_eps, keys[:4], labels, **kwargs)
