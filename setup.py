@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu==2.21.0",
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
+    "importlib_resources",  # TFDS needs it to prepare (download_and_prepare) data sets.
     "tensorboard",  # clu's summary writer; TF 2.21 no longer brings it.
     "etils[epath]",
     "numpy",

@@ -230,6 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if finished and config.train.sample_at_end:
     from cfg_guidance import generate  # pylint: disable=g-import-not-at-top
     generate.run(config, str(workdir))
+  if finished and config.train.evaluate_at_end:
+    from cfg_guidance import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run(config, str(workdir))
   return state
 
 

@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.folder = ml_collections.FieldReference(None, field_type=str)  # image_folder root.
   data.random_flip = False  # Random horizontal flips of training images.
   data.num_workers = 0  # grain worker processes (0 = in the main process).
+  data.num_threads = 8  # Threads per process (or per grain worker) building batches.
   data.num_toy_examples = 50_000  # Size of the fixed toy2d training set.
+  data.toy_seed = 0  # Seed of the fixed toy2d training set (config.seed only orders it).
 
   config.model = model = ml_collections.ConfigDict()  # What models.create takes.
   model.name = "unet"  # unet | mlp
@@ -62,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3  # Checkpoints kept on disk.
   train.sample_every = 500  # Steps between EMA sample grids (0 = never).
   train.sample_at_end = False  # After training, run --mode=sample on the final checkpoint.
+  train.evaluate_at_end = False  # After training, run --mode=evaluate on it.
 
   config.sharding = sharding = ml_collections.ConfigDict()
   sharding.fsdp = False  # Shard parameters and optimizer state over `data` (else replicate).
