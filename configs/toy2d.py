@@ -3,17 +3,14 @@
   python -m cfg_guidance.main --config=configs/toy2d.py --workdir=/tmp/cfg_toy2d
 """
 
-from configs import default
-import ml_collections
+from configs import adm, default
 
 
 def get_config():
   config = default.get_config()
   config.data.name = "toy2d"
   config.data.image_size = 0  # Points, not images.
-  config.model = ml_collections.ConfigDict(dict(
-      name="mlp", num_classes=3, dim=2, hidden=256, num_blocks=3, dropout=0.0,
-      dtype="float32"))
+  config.model = adm.toy_mlp()
   config.diffusion.p_uncond = 0.1
   t = config.train
   t.num_steps = 3000
