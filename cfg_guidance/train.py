@@ -165,8 +165,21 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_c
 
 
 def multi_step(state: TrainState, batches: dict, **kwargs) -> tuple[TrainState, dict]:
-  """Several optimizer steps in one dispatch: a scan over batches stacked on axis 0."""
-  return jax.lax.scan(functools.partial(train_step, **kwargs), state, batches)
+  """Several optimizer steps in one dispatch over batches stacked on axis 0.
+
+  A `lax.scan` on accelerators; on CPU a Python loop (unrolled in the program), since
+  XLA:CPU runs convolution gradients inside a while loop ~40x slower than outside one
+  (measured: 52 s vs 1.3 s for the digits U-Net's gradient).
+  """
+  step_fn = functools.partial(train_step, **kwargs)
+  num = jax.tree.leaves(batches)[0].shape[0]
+  if num > 1 and jax.default_backend() != "cpu":
+    return jax.lax.scan(step_fn, state, batches)
+  metrics = []
+  for i in range(num):
+    state, m = step_fn(state, jax.tree.map(lambda b, i=i: b[i], batches))
+    metrics.append(m)
+  return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
 
 
 def make_train_fn(config, graphdef, tx, state_shardings, mesh):
