@@ -39,7 +39,7 @@ def atomic_write_bytes(path: str | epath.Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)  # Atomic on POSIX; overwrites an older file.
 
 
 def save_png(path: str | epath.Path, image: np.ndarray) -> None:
