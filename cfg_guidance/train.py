@@ -11,7 +11,6 @@ import logging
 import time
 from typing import Any, Callable
 
-from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
 import jax
@@ -138,7 +137,7 @@ def loss_fn(params, graphdef, batch, rng, *, diffusion_config, null_label):
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_config,
-               null_label, ema_decay) -> tuple[TrainState, dict]:
+               null_label, ema_decay, ema_warmup=False) -> tuple[TrainState, dict]:
   """One optimizer step. A non-finite loss or gradient leaves params and EMA unchanged."""
   step_rng = jax.random.fold_in(rng, state.step)
   loss, grads = jax.value_and_grad(loss_fn)(
@@ -148,6 +147,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_c
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if ema_warmup:  # Short runs: average over (nearly) every step so far, up to ema_decay.
+    ema_decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                      state.ema_params, params)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -188,7 +189,7 @@ def make_train_fn(config, graphdef, tx, state_shardings, mesh):
       multi_step, graphdef=graphdef, tx=tx,
       rng=jax.random.fold_in(jax.random.key(config.seed), 1),
       diffusion_config=dict(config.diffusion), null_label=config.model.num_classes,
-      ema_decay=config.train.ema_decay)
+      ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup)
   batch_sharding = sharding.data_sharding(mesh, leading_axes=1)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -211,6 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `mesh` defaults to every device of every process on one `data` axis.
   """
+  # clu imports TensorFlow (~5 s): only the training loop needs it.
+  from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
   mesh = mesh or sharding.create_mesh()
   config_checks.check_train_config(config, workdir, num_devices=mesh.size)
   workdir = epath.Path(workdir)
@@ -252,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
                 eps_fn) -> tuple[TrainState, bool]:
   """Steps until `train.num_steps` (→ finished) or a preemption notice (→ saved, not)."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   k, num_steps = config.train.steps_per_dispatch, config.train.num_steps
   step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.0  # AdamW decoupled weight decay.
   train.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
   train.ema_decay = 0.9999  # EMA decay of the parameters used for sampling.
+  train.ema_warmup = False  # Decay min(ema_decay, (1+step)/(10+step)): for short runs.
   train.steps_per_dispatch = 1  # Optimizer steps per jitted call (lax.scan over batches).
   train.max_consecutive_nonfinite = 10  # Stop after this many skipped updates in a row.
   train.log_every = 50  # Steps between metric writes.
@@ -90,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   sample.seed = 0  # Sampling seed.
   sample.step = ml_collections.FieldReference(None, field_type=int)  # Checkpoint; None: latest.
 
-  config.eval = ev = ml_collections.ConfigDict()  # --mode=evaluate
+  config.eval = ev = ml_collections.ConfigDict()  # --mode=evaluate (sampler, v, eta, clip_x:
+  # config.sample's, with eval.num_steps)
   ev.guidance_weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0)
   ev.num_samples = 50_000  # Samples per weight.
   ev.batch_size = 500  # Global examples per sampler call.
@@ -105,4 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.watch = False  # Keep evaluating each new checkpoint as it appears.
   ev.watch_interval = 60.0  # Seconds between checks for a new checkpoint in watch mode.
   ev.watch_timeout = 0.0  # Stop watching after this many idle seconds (0 = never).
+  ev.pr_num_samples = 10_000  # Real and fake features kept for precision/recall (k = 3).
+  ev.grid_class = 0  # The one class on the right of each w's sample grid (Figs. 6/7).
+  ev.grid_size = 6  # Each w's grid: grid_size² random-class samples, as many of grid_class.
   return config
