@@ -1,0 +1,235 @@
+"""--mode=evaluate: device-invariant samples, streamed statistics, outputs, watch mode."""
+
+import csv
+import json
+import os
+import shutil
+import threading
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from cfg_guidance import classifier, eval_report, evaluate, images, input_pipeline
+from cfg_guidance import metrics, sampling, sharding, train
+import train_test
+
+
+def eval_config(**eval_overrides):
+  """tiny_config with a sweep that runs in seconds: 2 weights, 40 samples, T = 8."""
+  config = train_test.tiny_config(num_steps=20, checkpoint_every=10, sample_every=0,
+                                  log_every=10)
+  config.sample.clip_x = "static"  # Keeps a 20-step model's samples in [-1, 1].
+  ev = config.eval
+  ev.guidance_weights = (0.0, 3.0)
+  ev.num_samples, ev.batch_size, ev.num_steps = 40, 12, 8  # 12: rounded up to 16.
+  ev.extractor, ev.classifier_steps = "classifier", 150
+  ev.grid_size, ev.grid_class = 2, 7
+  ev.precision_recall, ev.pr_num_samples = True, 20
+  ev.update(eval_overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny digits run with checkpoints at steps 10 and 20."""
+  workdir = tmp_path_factory.mktemp("eval_run")
+  config = eval_config()
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+  config, workdir = trained
+  return config, workdir, evaluate.run(config, str(workdir))
+
+
+def _restore(config, workdir, mesh):
+  _, graphdef, params = train.restore_ema_params(config, str(workdir), mesh=mesh)
+  return train.make_eps_fn(graphdef, config.diffusion.parameterization), params
+
+
+def test_samples_do_not_depend_on_devices_or_batch_size(trained):
+  config, workdir = trained
+  out = {}
+  for num_devices, batch in ((1, 8), (8, 16)):
+    mesh = sharding.create_mesh(jax.devices()[:num_devices])
+    eps_fn, params = _restore(config, workdir, mesh)
+    out[num_devices, batch] = np.concatenate([
+        evaluate.generate_batch(config, eps_fn, params, np.arange(s, s + batch), 2.0, mesh)
+        for s in range(0, 16, batch)])
+  reference = out[8, 16]
+  assert reference.shape == (16, 8, 8, 1) and np.isfinite(reference).all()
+  assert np.abs(reference[0] - reference[10]).max() > 0.1  # Examples differ.
+  for key, x in out.items():
+    # Per-device batch sizes change XLA's CPU kernels, hence round-off (seen: 2e-7).
+    np.testing.assert_allclose(x, reference, rtol=1e-5, atol=1e-5, err_msg=str(key))
+
+  # A second code path: the sampler itself with example i's key fold_in(key(seed), i).
+  eps_fn, params = _restore(config, workdir, sharding.create_mesh(jax.devices()[:1]))
+  picked = np.array([3, 12])
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      jax.random.key(config.eval.seed), picked)
+  direct = sampling.sample(jax.tree_util.Partial(eps_fn, params), keys, picked % 10,
+                           shape=(8, 8, 1), guidance_weight=2.0, null_label=10,
+                           num_steps=config.eval.num_steps, v=config.sample.v,
+                           clip_x=config.sample.clip_x)
+  np.testing.assert_allclose(np.asarray(direct), reference[picked], rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_statistics_equal_one_shot():
+  rng = np.random.default_rng(0)
+  n, k, d, c, keep = 47, 5, 6, 5, 20
+  features = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d)
+  logits = rng.normal(size=(n, c)) * 3.0
+  labels = np.arange(n) % k
+  stats = eval_report.SweepStats(num_samples=n, num_classes=k, keep=keep,
+                                 with_accuracy=True)
+  batch = 8
+  for start in range(0, n, batch):  # The last batch has 7 real rows and 1 padding row.
+    idx = np.arange(start, start + batch)
+    f = np.full((batch, d), np.nan)  # Padding rows hold garbage that must be dropped.
+    lg = np.full((batch, c), np.nan)
+    real = idx < n
+    f[real], lg[real] = features[idx[real]], logits[idx[real]]
+    stats.add(idx, f, lg, idx % k)
+  real_features = rng.normal(size=(30, d))
+  reference_features = rng.normal(size=(60, d))
+  reference = metrics.FeatureStats().update(reference_features)
+  got = stats.results(reference, real_features)
+  expected_fid = metrics.frechet_distance(features.mean(0), np.cov(features, rowvar=False),
+                                          reference_features.mean(0),
+                                          np.cov(reference_features, rowvar=False))
+  np.testing.assert_allclose(got["fid"], expected_fid, rtol=1e-10)
+  np.testing.assert_allclose((got["is"], got["is_std"]), metrics.inception_score(logits),
+                             rtol=1e-10)
+  np.testing.assert_allclose(got["accuracy"], np.mean(logits.argmax(-1) == labels))
+  diversity = np.mean([features[labels == j].std(axis=0, ddof=1).mean() for j in range(k)])
+  np.testing.assert_allclose(got["diversity"], diversity, rtol=1e-10)
+  np.testing.assert_allclose((got["precision"], got["recall"]),
+                             metrics.precision_recall(real_features, features[:keep], k=3))
+
+
+def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
+  config, workdir, records = evaluated
+  out = workdir / "eval" / "20"
+  for name in ("results.json", "results.csv", "results.md", "fid_vs_is.png",
+               "metrics_vs_w.png", "samples_w0.png", "samples_w3.png"):
+    assert (out / name).stat().st_size > 0, name
+  assert (workdir / "eval" / "reference_digits_digits-cnn.npz").exists()
+  assert (workdir / "eval" / "reference_digits_digits-cnn_pr20.npz").exists()
+
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["step"] == 20 and saved["extractor"] == "digits-cnn"
+  assert saved["num_samples"] == 40 and saved["num_steps"] == 8
+  assert saved["metric_labels"]["fid"] == "FID (digits-cnn)"
+  assert [r["w"] for r in saved["records"]] == [0.0, 3.0]
+  keys = ("fid", "is", "is_std", "precision", "recall", "accuracy", "diversity")
+  for record, written in zip(records, saved["records"], strict=True):
+    for key in keys:
+      assert np.isfinite(record[key]) and record[key] == written[key], key
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  for row, written in zip(rows, saved["records"], strict=True):
+    for key in ("w", *keys):
+      assert float(row[key]) == written[key], key
+  table = (out / "results.md").read_text()
+  assert "| w = 3 |" in table and "FID (digits-cnn) ↓" in table
+  assert "| FID ↓" not in table  # A stand-in's figures never pass as FID.
+
+  # TensorBoard holds the same numbers.
+  acc = event_accumulator.EventAccumulator(
+      str(workdir / "eval"), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  tb = {tag: train_test._scalar(acc.Tensors(tag)[-1]) for tag in acc.Tags()["tensors"]
+        if "/w=" in tag and not tag.startswith("samples")}
+  np.testing.assert_allclose(tb["FID (digits-cnn)/w=3"], records[1]["fid"], rtol=1e-6)
+  np.testing.assert_allclose(tb["IS (digits-cnn)/w=0"], records[0]["is"], rtol=1e-6)
+  assert "samples/w=3" in acc.Tags()["tensors"]
+
+  # Recomputed in one shot: all samples at once, the reference from sklearn's digits.
+  mesh = sharding.create_mesh(jax.devices()[:8])
+  eps_fn, params = _restore(config, workdir, mesh)
+  extractor = classifier.restore_classifier(workdir / "classifier")
+  real, _ = extractor(images.to_uint8(input_pipeline.load_digits_arrays()[0]))
+  labels = np.arange(40) % 10
+  for record in records:
+    x = np.concatenate([evaluate.generate_batch(config, eps_fn, params,
+                                                np.arange(s, s + 16), record["w"], mesh)
+                        for s in range(0, 48, 16)])[:40]
+    features, logits = extractor(images.to_uint8(x))
+    fid = metrics.frechet_distance(features.mean(0), np.cov(features, rowvar=False),
+                                   real.mean(0), np.cov(real, rowvar=False))
+    np.testing.assert_allclose(record["fid"], fid, rtol=1e-6)
+    np.testing.assert_allclose((record["is"], record["is_std"]),
+                               metrics.inception_score(logits), rtol=1e-6)
+    assert record["accuracy"] == np.mean(logits.argmax(-1) == labels)
+    np.testing.assert_allclose((record["precision"], record["recall"]),
+                               metrics.precision_recall(real[:20], features[:20]))
+
+
+def test_evaluating_again_overwrites_with_the_same_numbers(evaluated):
+  config, workdir, records = evaluated
+  (workdir / "eval" / "20" / "results.md").write_text("stale")
+  again = evaluate.run(config, str(workdir))
+  for got, want in zip(again, records, strict=True):
+    assert {k: v for k, v in got.items() if k != "seconds"} == {
+        k: v for k, v in want.items() if k != "seconds"}
+  assert "FID (digits-cnn)" in (workdir / "eval" / "20" / "results.md").read_text()
+
+
+def test_watch_evaluates_a_checkpoint_that_appears_later(evaluated, tmp_path):
+  config, source, records = evaluated
+  workdir = tmp_path / "watched"
+  (workdir / "checkpoints").mkdir(parents=True)
+  # The classifier and reference from the first run, so only the sweep runs again.
+  shutil.copytree(source / "classifier", workdir / "classifier")
+  (workdir / "eval").mkdir()
+  for f in (source / "eval").glob("reference_*.npz"):
+    shutil.copy(f, workdir / "eval" / f.name)
+  shutil.copytree(source / "checkpoints" / "10", workdir / "checkpoints" / "10")
+  (workdir / "eval" / "10").mkdir()
+  (workdir / "eval" / "10" / "results.json").write_text("{}")  # Done already: skipped.
+
+  config = eval_config(watch=True, watch_interval=0.1, watch_timeout=120.0)
+  found, errors = {}, []
+
+  def watch():
+    try:
+      found.update(evaluate.watch(config, str(workdir)))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  thread = threading.Thread(target=watch)
+  thread.start()
+  staged = tmp_path / "staged"
+  shutil.copytree(source / "checkpoints" / "20", staged)
+  os.rename(staged, workdir / "checkpoints" / "20")  # Appears whole, as Orbax's do.
+  thread.join(timeout=300)
+  assert not thread.is_alive() and not errors, errors
+  assert list(found) == [20]  # Stopped after the final step (train.num_steps = 20).
+  assert (workdir / "eval" / "10" / "results.json").read_text() == "{}"
+  saved = json.loads((workdir / "eval" / "20" / "results.json").read_text())["records"]
+  for got, want in zip(saved, records, strict=True):  # Same checkpoint, same seed.
+    for key in ("fid", "is", "precision", "recall", "accuracy", "diversity"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+
+
+def test_missing_inception_file_names_the_field(tmp_path):
+  for path, error in ((None, ValueError), (str(tmp_path / "missing.pb"), FileNotFoundError)):
+    config = eval_config(extractor="inception", inception_path=path)
+    with pytest.raises(error, match="eval.inception_path"):
+      evaluate.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("num_samples", 5), ("extractor", "vgg"), ("grid_class", 10),
+    ("guidance_weights", ()),
+])
+def test_bad_eval_fields_are_named(tmp_path, field, value):
+  config = eval_config(**{field: value})
+  with pytest.raises(ValueError, match=f"config.eval.{field}"):
+    evaluate.run(config, str(tmp_path))
