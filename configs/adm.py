@@ -58,10 +58,13 @@ def cifar10() -> ml_collections.ConfigDict:
 
 
 def digits() -> ml_collections.ConfigDict:
-  """scikit-learn's 8×8 grey digits: two levels (8, 4), attention at 4."""
-  return _unet(num_classes=10, image_size=8, channels=1, base_channels=64,
-               channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
-               num_heads=-1, num_head_channels=32, num_groups=32, dropout=0.1)
+  """scikit-learn's 8×8 grey digits: two levels (8, 4), attention at 4, C = 32.
+
+  Small enough to train in minutes on a 2-core CPU (3000 steps of batch 64).
+  """
+  return _unet(num_classes=10, image_size=8, channels=1, base_channels=32,
+               channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+               num_heads=-1, num_head_channels=32, num_groups=8, dropout=0.1)
 
 
 def toy_mlp() -> ml_collections.ConfigDict:

@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   sample.sampler = "ancestral"  # ancestral | ddim
   sample.v = 0.3  # Variance interpolation of Eq. 4 (ancestral).
   sample.eta = 0.0  # DDIM stochasticity.
-  sample.clip_x = "none"  # none | static | dynamic
+  sample.clip_x = "static"  # none | static (x̃ to [-1, 1], as DDPM samples) | dynamic
   sample.batch_size = 500  # Examples per sampler call.
   sample.seed = 0  # Sampling seed.
   sample.step = ml_collections.FieldReference(None, field_type=int)  # Checkpoint; None: latest.

@@ -13,15 +13,17 @@ def get_config():
   config.model = adm.digits()
   config.diffusion.p_uncond = 0.1
   t = config.train
-  t.num_steps = 4000
-  t.batch_size = 128
-  t.learning_rate = 1e-3
+  t.num_steps = 3000
+  t.batch_size = 64
+  t.learning_rate = 2e-3
   t.warmup_steps = 200
   t.ema_decay = 0.999
+  t.ema_warmup = True
   t.log_every = 100
   t.checkpoint_every = 1000
   t.sample_every = 1000
   t.sample_at_end = True
+  t.evaluate_at_end = True
   config.grid.num_steps = 128
   s = config.sample
   s.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -30,6 +32,6 @@ def get_config():
   s.v = 0.3
   config.eval.extractor = "classifier"
   config.eval.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)
-  config.eval.num_samples = 1000
-  config.eval.num_steps = 128
+  config.eval.num_samples = 500
+  config.eval.num_steps = 64
   return config

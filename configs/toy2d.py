@@ -24,6 +24,7 @@ def get_config():
   t.sample_at_end = True
   config.grid.classes = (0, 1, 2)
   s = config.sample
+  s.clip_x = "none"  # Points, not images: nothing to clip to.
   s.guidance_weights = (0.0, 1.0, 3.0)
   s.num_samples = 3000
   s.num_steps = 256

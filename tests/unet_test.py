@@ -464,16 +464,16 @@ def test_bad_config_names_the_field(override, field):
 
 
 def test_digits_preset_parameter_count():
-  """C = 64: widths 64, 128 at 8, 4; attention at 4; grey; 10 classes + ∅."""
-  e = 4 * 64
+  """C = 32: widths 32, 64 at 8, 4; one block per level; attention at 4; grey; 10 + ∅."""
+  e = 4 * 32
   r = functools.partial(_res, emb=e)
-  count = (_dense(64, e) + _dense(e, e) + 11 * e + _conv(1, 64)
-           + 2 * r(64, 64) + r(64, 64) + r(64, 128) + r(128, 128) + 2 * _attn(128)
-           + 2 * r(128, 128) + _attn(128)
-           # Skips: 128, 128, 64 | 64, 64, 64.
-           + 2 * r(256, 128) + r(192, 128) + 3 * _attn(128) + r(128, 128)
-           + r(192, 64) + 2 * r(128, 64)
-           + _gn_count(64) + _conv(64, 1))
-  assert _num_params(adm.digits()) == count == 4_589_313
+  count = (_dense(32, e) + _dense(e, e) + 11 * e + _conv(1, 32)
+           + r(32, 32) + r(32, 32) + r(32, 64) + _attn(64)  # Level 8, down, level 4.
+           + 2 * r(64, 64) + _attn(64)  # Middle.
+           # Skips: 64, 32 | 32, 32.
+           + r(128, 64) + r(96, 64) + 2 * _attn(64) + r(64, 64)  # Level 4, up.
+           + r(96, 32) + r(64, 32)  # Level 8.
+           + _gn_count(32) + _conv(32, 1))
+  assert _num_params(adm.digits()) == count == 827_745
   for preset in (adm.cpu_unet, adm.cifar10):
     assert _num_params(preset()) > 0
