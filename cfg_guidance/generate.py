@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cfg_guidance import config_checks, grids, images, sampling, train
+from cfg_guidance import config_checks, grids, images, sampling, toy, train
 
 
 def balanced_labels(num: int, num_classes: int, classes=None) -> np.ndarray:
@@ -45,12 +45,30 @@ def generate(config: ml_collections.ConfigDict, eps_fn, params, *, weight: float
   return np.concatenate(out)
 
 
+def toy_figure(config: ml_collections.ConfigDict, workdir: str, step: int, eps_fn
+               ) -> epath.Path:
+  """Fig. 2 with the learned model's samples under the exact model's (toy2d only)."""
+  path = epath.Path(workdir) / "samples" / f"step_{step}_fig2.png"
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    toy.render_figure(path, weights=config.sample.guidance_weights,
+                      eps_fns={"exact scores": toy.exact_eps, "learned": eps_fn},
+                      num_per_class=config.sample.num_samples // toy.NUM_CLASSES,
+                      num_steps=config.sample.num_steps, seed=config.sample.seed,
+                      v=config.sample.v, logsnr_min=config.diffusion.logsnr_min,
+                      logsnr_max=config.diffusion.logsnr_max)
+    logging.info("Wrote %s.", path)
+  return path
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[epath.Path]:
   """Writes one npz (and PNG grid) per weight in config.sample.guidance_weights."""
   config_checks.check_common(config)
   config_checks.check_sampler(config.sample, "sample")
   step, graphdef, ema = train.restore_ema_params(config, workdir, config.sample.step)
   eps_fn = train.make_eps_fn(graphdef, config.diffusion.parameterization)
+  if config.data.name == "toy2d":
+    return [toy_figure(config, workdir, step, jax.tree_util.Partial(eps_fn, ema))]
   labels = balanced_labels(config.sample.num_samples, config.model.num_classes,
                            config.sample.classes)
   out_dir = epath.Path(workdir) / "samples"

@@ -118,12 +118,13 @@ def guided_samples(eps_fn, rng, weights, num_per_class, **sample_kwargs):
 def render_figure(path, *, weights: Sequence[float] = (0.0, 1.0, 3.0, 8.0),
                   eps_fns: Mapping[str, sampling.EpsFn] | None = None,
                   num_per_class=1000, num_steps=256, seed=0, grid_size=200, dpi=80,
-                  panel_inches=3.0):
+                  panel_inches=3.0, **sample_kwargs):
   """Writes Figure 2 to `path` (PNG): exact guided densities, then a row of samples per eps_fn.
 
   eps_fns maps a row title to an eps_fn (default: the exact scores); a trainer passes
   `{"exact": toy.exact_eps, "learned": its_eps_fn}` to compare. The image is
   (1 + len(eps_fns)) * panel_inches * dpi high and len(weights) * panel_inches * dpi wide.
+  `sample_kwargs` go to `sampling.sample` (e.g. the λ range a learned model was trained on).
   """
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
 
@@ -141,7 +142,7 @@ def render_figure(path, *, weights: Sequence[float] = (0.0, 1.0, 3.0, 8.0),
   rng = jax.random.key(seed)
   for i, (name, eps_fn) in enumerate(eps_fns.items(), start=1):
     x = guided_samples(eps_fn, jax.random.fold_in(rng, i), weights, num_per_class,
-                       num_steps=num_steps)
+                       num_steps=num_steps, **sample_kwargs)
     for j, w in enumerate(weights):
       for c in range(NUM_CLASSES):
         axes[i, j].scatter(x[j, c, :, 0], x[j, c, :, 1], s=1, alpha=0.4, c=colors[c])

@@ -12,6 +12,11 @@ def get_config():
   config.data.image_size = 0  # Points, not images.
   config.model = adm.toy_mlp()
   config.diffusion.p_uncond = 0.1
+  # x̃ = (z − σ ε̂)/α multiplies the network's error by 1/α: 22,026 at λ = −20, 148 at
+  # −10. Images clip x̃ to [−1, 1]; points have no such range, so the toy keeps λ ≥ −10,
+  # where z is already N(0, I) to within α = 0.007 of the data's unit scale.
+  config.diffusion.logsnr_min = -10.0
+  config.diffusion.logsnr_max = 10.0
   t = config.train
   t.num_steps = 3000
   t.batch_size = 512

@@ -172,3 +172,18 @@ def test_unwritable_workdir_is_named(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="--workdir"):
     train.train_and_evaluate(tiny_config(), str(blocker / "sub"))
+
+
+def test_toy2d_trains_and_draws_fig2_with_the_learned_model(tmp_path):
+  from configs import toy2d  # pylint: disable=g-import-not-at-top
+  config = toy2d.get_config()
+  config.model.hidden, config.model.num_blocks = 32, 1
+  t = config.train
+  t.num_steps, t.batch_size, t.log_every, t.checkpoint_every = 20, 64, 10, 20
+  config.sample.num_samples, config.sample.num_steps = 30, 8
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 20
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(tmp_path / "samples" / "step_20_fig2.png") as image:
+    # Three rows (exact densities, exact-score samples, learned samples) × three weights.
+    assert image.size == (3 * 3 * 80, 3 * 3 * 80)
