@@ -15,6 +15,7 @@ TINY = [
     "--config.train.num_steps=8", "--config.train.batch_size=16",
     "--config.train.log_every=4", "--config.train.checkpoint_every=8",
     "--config.train.sample_every=0", "--config.train.sample_at_end=False",
+    "--config.train.evaluate_at_end=False",
     "--config.sample.num_samples=4", "--config.sample.num_steps=4",
     "--config.sample.guidance_weights=(0.0,3.0)", "--config.sample.batch_size=4",
 ]

@@ -19,7 +19,7 @@ TINY_FLAGS = [
     "--config.train.batch_size=16", "--config.train.learning_rate=0.002",
     "--config.train.warmup_steps=2", "--config.train.log_every=1",
     "--config.train.checkpoint_every=1000", "--config.train.sample_every=0",
-    "--config.train.sample_at_end=False",
+    "--config.train.sample_at_end=False", "--config.train.evaluate_at_end=False",
 ]
 
 

@@ -18,6 +18,7 @@ def tiny_config(**train_overrides):
   t = config.train
   t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps = 24, 16, 2e-3, 2
   t.log_every, t.checkpoint_every, t.sample_every, t.sample_at_end = 4, 12, 12, False
+  t.evaluate_at_end = False
   t.update(train_overrides)
   config.grid.classes, config.grid.num_steps = (0, 1, 2), 4
   s = config.sample
