@@ -8,8 +8,6 @@ process 0, which writes WORKDIR/eval/<step>/ (the files are made in eval_report.
 
 import functools
 import logging
-import os
-import tempfile
 import time
 
 from etils import epath
@@ -19,9 +17,8 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from cfg_guidance import checkpointing, classifier, config_checks, eval_report, grids
-from cfg_guidance import images, inception, input_pipeline, metrics, sampling, sharding
-from cfg_guidance import train
+from cfg_guidance import checkpointing, classifier, config_checks, eval_reference, eval_report
+from cfg_guidance import grids, images, inception, metrics, sampling, sharding, train
 
 EXTRACTORS = ("inception", "classifier")
 # The grids' keys hang off fold_in(key(seed), GRID_STREAM), an index no sweep reaches.
@@ -116,13 +113,6 @@ def _local(x: jax.Array, mesh) -> np.ndarray:
       x, mesh, P(sharding.DATA_AXIS)))
 
 
-def _gather(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-  """Every process's rows, concatenated in process order (identity in one process)."""
-  if jax.process_count() == 1:
-    return arrays
-  return tuple(np.asarray(a) for a in multihost_utils.process_allgather(arrays, tiled=True))
-
-
 def generate_batch(config, eps_fn, params, indices: np.ndarray, weight: float,
                    mesh) -> np.ndarray:
   """Samples of the examples `indices` ([B] global indices, the same on every process).
@@ -139,141 +129,6 @@ def generate_batch(config, eps_fn, params, indices: np.ndarray, weight: float,
 
 # --- Extractors and the real data's reference statistics. ---
 
-def _training_arrays(config) -> tuple[np.ndarray, np.ndarray]:
-  """The whole training split in memory: float [N, H, W, C] in [-1, 1], int labels [N]."""
-  if config.data.name == "digits":
-    return input_pipeline.load_digits_arrays()
-  batches = list(input_pipeline.iterate_once(config.data, batch_size=1024, process_index=0,
-                                             process_count=1))
-  return (np.concatenate([b["image"] for b in batches]),
-          np.concatenate([b["label"] for b in batches]))
-
-
-def make_extractor(config, workdir):
-  """Inception-v3 from eval.inception_path, or the stand-in CNN in WORKDIR/classifier/."""
-  ev = config.eval
-  if ev.extractor == "inception":
-    return inception.InceptionExtractor(ev.inception_path)
-  checkpoint_dir = classifier.resolve_checkpoint_dir(epath.Path(workdir)
-                                                     / classifier.CHECKPOINT_SUBDIR)
-  if jax.process_count() > 1:
-    # Orbax saves with a barrier over every process, so one process cannot train it here.
-    try:
-      return classifier.restore_classifier(checkpoint_dir)
-    except FileNotFoundError as e:
-      raise ValueError(
-          f"config.eval.extractor='classifier' in a multi-process run needs the stand-in "
-          f"classifier at {checkpoint_dir} already: run --mode=evaluate once in a single "
-          "process (e.g. with --config.eval.num_samples=10) to train it.") from e
-  x, y = _training_arrays(config)
-  extractor = classifier.train_classifier(
-      x, y, num_classes=config.model.num_classes, workdir_or_path=checkpoint_dir,
-      seed=config.seed, steps=ev.classifier_steps, name=f"{config.data.name}-cnn")
-  logging.info("Stand-in classifier %s: held-out accuracy %.4f.", extractor.name,
-               extractor.heldout_accuracy)
-  return extractor
-
-
-def reference_path(config, workdir, extractor) -> epath.Path:
-  if config.eval.reference_stats:
-    return epath.Path(config.eval.reference_stats)
-  return (epath.Path(workdir) / "eval"
-          / f"reference_{config.data.name}_{extractor.name}.npz")
-
-
-def _pr_path(path: epath.Path, num: int) -> epath.Path:
-  return path.parent / f"{path.stem}_pr{num}.npz"
-
-
-def _chief_says(flag: bool) -> bool:
-  """Process 0's answer on every process, so collective loops agree."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
-def _reference_pass(config, extractor) -> metrics.FeatureStats:
-  """Feature statistics of the whole training split (process 0's; empty elsewhere).
-
-  Every process reads its shard; rounds of a fixed size with a validity mask keep every
-  process in every gather until all are done.
-  """
-  per_process = -(-config.eval.batch_size // jax.process_count())
-  batches = input_pipeline.iterate_once(config.data, batch_size=per_process)
-  stats = metrics.FeatureStats()
-  while True:
-    batch = next(batches, None)
-    n = 0 if batch is None else len(batch["label"])
-    x = (np.zeros((0, *grids.image_shape(config)), np.uint8) if batch is None
-         else images.to_uint8(batch["image"]))
-    features, _ = extractor(x)
-    padded = np.zeros((per_process, features.shape[1]), np.float32)
-    padded[:n] = features
-    features, valid = _gather(padded, np.arange(per_process) < n)
-    if not valid.any():
-      return stats
-    if jax.process_index() == 0:
-      stats.update(features[valid])
-
-
-def _first_real_features(config, extractor, num: int) -> np.ndarray:
-  """Features [num, D] of the training split's first `num` examples (one process reads)."""
-  kept, count = [], 0
-  for batch in input_pipeline.iterate_once(config.data, batch_size=min(num, 1000),
-                                           process_index=0, process_count=1):
-    features, _ = extractor(images.to_uint8(batch["image"][:num - count]))
-    kept.append(features)
-    count += len(features)
-    if count >= num:
-      break
-  return np.concatenate(kept)
-
-
-def _save_stats(stats: metrics.FeatureStats, path: epath.Path) -> None:
-  """FeatureStats.save to any epath (e.g. gs://): written locally, copied atomically."""
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, path.name)
-    stats.save(local)
-    images.atomic_write_bytes(path, epath.Path(local).read_bytes())
-
-
-def _load_stats(path: epath.Path) -> metrics.FeatureStats:
-  if os.path.exists(os.fspath(path)):
-    return metrics.FeatureStats.load(os.fspath(path))
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, path.name)
-    epath.Path(local).write_bytes(path.read_bytes())
-    return metrics.FeatureStats.load(local)
-
-
-def reference_statistics(config, workdir, extractor):
-  """(statistics, path, real features for precision/recall or None) of the training split.
-
-  Loaded from `reference_path` if it exists, else computed with `extractor` and saved
-  there (process 0). The statistics and features are None on other processes.
-  """
-  ev = config.eval
-  path = reference_path(config, workdir, extractor)
-  keep = ev.pr_num_samples if ev.precision_recall else 0
-  have_stats = _chief_says(path.exists())
-  if not have_stats:
-    logging.info("Computing reference statistics of %s with %s -> %s.", config.data.name,
-                 extractor.name, path)
-    stats = _reference_pass(config, extractor)
-    if jax.process_index() == 0:
-      _save_stats(stats, path)
-  if jax.process_index() != 0:
-    return None, path, None
-  real = None
-  if keep:
-    pr_path = _pr_path(path, keep)
-    if not pr_path.exists():
-      images.save_npz(pr_path, features=_first_real_features(config, extractor, keep))
-    with pr_path.open("rb") as f:
-      real = np.load(f, allow_pickle=False)["features"]
-  return _load_stats(path), path, real
-
-
 # --- The sweep over guidance weights, for one checkpoint or each as it appears. ---
 
 class Evaluation:
@@ -288,8 +143,8 @@ class Evaluation:
     self.is_chief = jax.process_index() == 0
     # Made by every process (Orbax synchronises them); listing steps later is local.
     self.checkpoints = checkpointing.Checkpointer(self.workdir, create=False)
-    self.extractor = make_extractor(config, workdir)
-    self.reference, self.reference_path, self.real_features = reference_statistics(
+    self.extractor = eval_reference.make_extractor(config, workdir)
+    self.reference, self.reference_path, self.real_features = eval_reference.reference_statistics(
         config, workdir, self.extractor)
     # clu imports TensorFlow (~5 s): only a running evaluation needs it.
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -346,7 +201,7 @@ class Evaluation:
       if following is not None:  # Queue the next batch while this one is measured.
         pending = launch(following)
       features, logits = self.extractor(images.to_uint8(_local(x, self.mesh)))
-      indices, features, logits = _gather(indices[_process_rows(len(indices))],
+      indices, features, logits = eval_reference.gather(indices[_process_rows(len(indices))],
                                           features, logits)
       if self.is_chief:
         stats.add(indices, features, logits, indices % num_classes)
@@ -366,7 +221,7 @@ class Evaluation:
       indices = np.arange(start, start + batch)
       x = _dispatch(self.config, self.eps_fn, params, indices,
                     np.resize(labels[start:], batch), w, self.mesh, root)
-      rows.append(_gather(_local(x, self.mesh))[0])
+      rows.append(eval_reference.gather(_local(x, self.mesh))[0])
     if not self.is_chief:
       return None
     x = np.concatenate(rows)[:2 * n]
@@ -396,7 +251,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[dict
   if config.eval.watch:
     results = watch(config, workdir, mesh)
     return results[max(results)] if results else []
-  if config.eval.step is None and not _chief_says(
+  if config.eval.step is None and not eval_reference.chief_says(
       bool(checkpointing.Checkpointer(workdir, create=False).all_steps())):
     raise checkpointing.CheckpointError(f"no checkpoint in {epath.Path(workdir)}/checkpoints "
                                         "to evaluate (--workdir).")
