@@ -112,6 +112,13 @@ class GroupNorm(nnx.Module):
   """GroupNorm over the channel (last) axis, computed in float32 (as ADM's GroupNorm32).
 
   x: [N, ..., C] -> same shape, cast back to `dtype`. epsilon 1e-5 is PyTorch's.
+  `norm(x, scale, shift)` with [N, C] arrays also applies ADM's conditioning,
+  GN(x)·(1 + scale) + shift, in the same pass.
+
+  The statistics are sums over positions per channel (reductions along the contiguous
+  channel axis), then per group; normalisation, affine and conditioning fold into one
+  (x − mean)·a + b per (example, channel). On XLA:CPU this runs 3-8x faster, forward and
+  backward, than reducing a [N, HW, G, C/G] view (bench/BENCHMARKS.md). Two-pass variance.
   """
 
   def __init__(self, num_channels, num_groups=32, *, epsilon=1e-5,
@@ -125,15 +132,25 @@ class GroupNorm(nnx.Module):
     self.epsilon = epsilon
     self.dtype = dtype
 
-  def __call__(self, x):
-    shape = x.shape
-    g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups,
-                                      shape[-1] // self.num_groups)
-    mean = g.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = g.reshape(shape) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+  def __call__(self, x, scale=None, shift=None):
+    n, c = x.shape[0], x.shape[-1]
+    per_group = c // self.num_groups
+    flat = x.astype(jnp.float32).reshape(n, -1, c)
+    count = flat.shape[1] * per_group
+
+    def group_mean(channel_sums):  # [N, C] sums over positions -> [N, C] group means.
+      means = channel_sums.reshape(n, self.num_groups, per_group).sum(-1) / count
+      return jnp.repeat(means, per_group, axis=1)
+
+    mean = group_mean(flat.sum(axis=1))
+    var = group_mean(jnp.square(flat - mean[:, None]).sum(axis=1))
+    a = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    b = jnp.broadcast_to(self.bias[...], (n, c))
+    if scale is not None:
+      a = a * (1 + scale.astype(jnp.float32))
+      b = b * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+    y = (flat - mean[:, None]) * a[:, None] + b[:, None]
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 def dropout(x, rate, key):

@@ -53,7 +53,7 @@ class ResBlock(nnx.Module):
     h = self.conv1(resample(h))
     x = resample(x)
     scale, shift = jnp.split(self.emb_proj(jax.nn.silu(emb)), 2, axis=-1)
-    h = self.norm2(h) * (1 + scale[:, None, None]) + shift[:, None, None]
+    h = self.norm2(h, scale, shift)
     h = layers.dropout(jax.nn.silu(h), self.dropout, key)
     h = self.conv2(h)
     return (x if self.skip is None else self.skip(x)) + h
