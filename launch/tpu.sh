@@ -14,7 +14,7 @@ Usage: launch/tpu.sh COMMAND [--flag=value ...] [--config.FIELD=VALUE ...]
 
 Commands:
   create     create the slice and wait until it is READY/ACTIVE
-  setup      check out the repo and install it with jax[tpu] on every worker
+  setup      copy this checkout (or clone --repo-url) to every worker, install jax[tpu]
   train      start training on every worker (nohup; log ~/cfg_guidance/logs/train.log)
   evaluate   start --mode=evaluate against the same workdir (all workers, or --worker=0
              on a single-host slice); `sample` likewise for --mode=sample
@@ -39,8 +39,9 @@ Settings (flag, or environment variable):
                          or direct (`tpu-vm create`)
   --runtime-version=V    CFG_RUNTIME_VERSION (default: by accelerator, see tpu_slice.sh)
   --repo-url=URL         CFG_REPO_URL: git URL the workers clone (public, or with your
-                         own credentials on the VMs; none are stored here)  setup/run
-  --repo-ref=REF         CFG_REPO_REF: branch, tag or commit (default main)
+                         own credentials on the VMs; none are stored here). Unset:
+                         setup copies this checkout's HEAD (git archive + scp)
+  --repo-ref=REF         CFG_REPO_REF: branch, tag or commit of --repo-url (default main)
   --jax-version=V        CFG_JAX_VERSION (default 0.10.2)
   --libtpu-url=URL       CFG_LIBTPU_URL: pip --find-links for libtpu (default JAX's)
   --python-version=V     CFG_PYTHON_VERSION: the workers' venv Python (default 3.11)
@@ -51,7 +52,7 @@ Settings (flag, or environment variable):
   --max-recreates=N      CFG_MAX_RECREATES: slice recreations before run gives up (20)
   --max-restarts=N       CFG_MAX_RESTARTS: job restarts on a healthy slice (3)
   --delete-when-done     CFG_DELETE_WHEN_DONE=1: run deletes the slice after training
-  --ssh-flags="..."      CFG_SSH_FLAGS: extra `tpu-vm ssh` flags, e.g. --tunnel-through-iap
+  --ssh-flags="..."      CFG_SSH_FLAGS: extra `tpu-vm ssh`/`scp` flags, e.g. --internal-ip
   --create-flags="..."   CFG_CREATE_FLAGS: extra create flags, e.g. "--reserved
                          --network=NET --service-account=SA --scopes=cloud-platform"
   --dry-run              CFG_DRY_RUN=1: print every command instead of running it
@@ -60,7 +61,7 @@ Settings (flag, or environment variable):
 Example:
   launch/tpu.sh run --project=my-proj --zone=us-central2-b --name=cfg-64 \
     --accelerator=v4-32 --spot --workdir=gs://my-bucket/cfg/imagenet64 \
-    --config=configs/imagenet64.py --repo-url=https://github.com/me/cfg_guidance
+    --config=configs/imagenet64.py
 EOF
 }
 
@@ -91,6 +92,9 @@ CREATE_FLAGS="${CFG_CREATE_FLAGS:-}"
 # The worker-side helper inside the checkout that `setup` makes on every VM.
 REMOTE_REPO="\$HOME/cfg_guidance/repo"
 REMOTE_HELPER="$REMOTE_REPO/launch/tpu_worker.sh"
+# Without --repo-url: the archive of this checkout, in each worker's home.
+REMOTE_TARBALL="cfg_guidance-repo.tar.gz"
+TARBALL=""
 
 parse_flags() {
   local arg
@@ -166,8 +170,13 @@ check_job_settings() {
 }
 
 check_setup_settings() {
-  require "$REPO_URL" --repo-url CFG_REPO_URL
-  require "$REPO_REF" --repo-ref CFG_REPO_REF
+  if [[ -n "$REPO_URL" ]]; then
+    require "$REPO_REF" --repo-ref CFG_REPO_REF
+  elif [[ ! -e "$REPO_ROOT/.git" ]] ||
+    ! git -C "$REPO_ROOT" rev-parse -q --verify HEAD >/dev/null; then
+    die "--repo-url (or \$CFG_REPO_URL) is required: $REPO_ROOT is not a git checkout" \
+      "with a commit to copy to the workers"
+  fi
   [[ "$JAX_VERSION" =~ ^[0-9]+(\.[0-9]+)*$ ]] ||
     die "--jax-version (\$CFG_JAX_VERSION) must look like 0.10.2, got '$JAX_VERSION'"
 }
@@ -180,21 +189,6 @@ check_worker() {
 cmd_create() {
   create_slice
   wait_ready || die "$NAME did not come up (state $(slice_state))"
-}
-
-setup_command() {
-  local q_url q_ref q_args
-  q_url="$(quote_cmd "$REPO_URL")"
-  q_ref="$(quote_cmd "$REPO_REF")"
-  q_args="$(quote_cmd "$PYTHON_VERSION" "$JAX_VERSION" "$LIBTPU_URL")"
-  echo "set -eu; mkdir -p \"$REMOTE_REPO\"; cd \"$REMOTE_REPO\";" \
-    "[ -d .git ] || git init -q; git remote remove origin 2>/dev/null || true;" \
-    "git remote add origin $q_url; git fetch -q --depth=1 origin $q_ref;" \
-    "git checkout -q --force FETCH_HEAD; bash launch/tpu_worker.sh install $q_args"
-}
-
-cmd_setup() {
-  ssh_workers all "$(setup_command)"
 }
 
 # The remote command that starts MODE in the background on each worker.

@@ -1,5 +1,5 @@
-# Cloud TPU slices for tpu.sh: the accelerator table (workers, chips, devices)
-# and the gcloud calls that create, describe, delete and ssh into a slice.
+# Cloud TPU slices for tpu.sh: the accelerator table (workers, chips, devices),
+# the gcloud calls that create, describe, delete and ssh into a slice, and `setup`.
 # shellcheck shell=bash
 # Sourced by tpu.sh, which sets NAME, PROJECT, ZONE, ...; TPU_* are read there.
 # shellcheck disable=SC2034
@@ -109,6 +109,49 @@ ssh_workers() {
   read -r -a extra <<<"$SSH_FLAGS"
   run gcloud compute tpus tpu-vm ssh "$NAME" --project="$PROJECT" --zone="$ZONE" \
     --worker="$1" --command="$2" ${extra[@]+"${extra[@]}"}
+}
+
+# scp_workers LOCAL_FILE REMOTE_PATH: copies a file to every worker (REMOTE_PATH
+# relative to the home directory).
+scp_workers() {
+  local extra=()
+  read -r -a extra <<<"$SSH_FLAGS"
+  run gcloud compute tpus tpu-vm scp "$1" "$NAME:$2" --project="$PROJECT" --zone="$ZONE" \
+    --worker=all ${extra[@]+"${extra[@]}"}
+}
+
+# Without --repo-url, every worker gets this checkout's HEAD: no repository URL,
+# and no credentials on the VMs. Archived once, so recoveries ship the same code.
+copy_checkout() {
+  if [[ -z "$TARBALL" ]]; then
+    TARBALL="$(mktemp)"
+    trap 'rm -f "$TARBALL"' EXIT
+    [[ -z "$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no)" ]] ||
+      log "uncommitted changes stay here: the workers get HEAD" \
+        "($(git -C "$REPO_ROOT" rev-parse --short HEAD))"
+    run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
+  fi
+  scp_workers "$TARBALL" "$REMOTE_TARBALL"
+}
+
+setup_command() {
+  local fetch q_args
+  if [[ -n "$REPO_URL" ]]; then
+    fetch="[ -d .git ] || git init -q; git remote remove origin 2>/dev/null || true;"
+    fetch+=" git remote add origin $(quote_cmd "$REPO_URL");"
+    fetch+=" git fetch -q --depth=1 origin $(quote_cmd "$REPO_REF");"
+    fetch+=" git checkout -q --force FETCH_HEAD;"
+  else
+    fetch="tar -xzf \"\$HOME/$REMOTE_TARBALL\";"
+  fi
+  q_args="$(quote_cmd "$PYTHON_VERSION" "$JAX_VERSION" "$LIBTPU_URL")"
+  echo "set -eu; mkdir -p \"$REMOTE_REPO\"; cd \"$REMOTE_REPO\"; $fetch" \
+    "bash launch/tpu_worker.sh install $q_args"
+}
+
+cmd_setup() {
+  [[ -n "$REPO_URL" ]] || copy_checkout
+  ssh_workers all "$(setup_command)"
 }
 
 # Polls until the slice is usable; returns 1 if it is lost on the way.
