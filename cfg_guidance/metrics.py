@@ -6,7 +6,6 @@ literature's Inception-v3) and `classifier.py` (a small stand-in CNN).
 
 import os
 import tempfile
-import warnings
 
 import numpy as np
 import scipy.linalg
@@ -16,18 +15,20 @@ import scipy.special
 DEFAULT_SPLITS = 10
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps=1e-6, imag_atol=1e-3):
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, rtol=1e-6):
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
-  d² = |mu1 − mu2|² + tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^½)  (Heusel et al. 2017).
+  d² = |mu1 − mu2|² + tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^½)  (Heusel et al. 2017),
+  with tr (sigma1 sigma2)^½ = Σ √λ(sigma1^½ sigma2 sigma1^½): eigenvalues of symmetric
+  positive semi-definite matrices, so the computation stays real and takes a fixed time
+  when the covariances are singular (fewer samples than dimensions), where
+  `scipy.linalg.sqrtm` of the non-symmetric product took 10–90 s at D = 2048.
 
   Args:
     mu1, mu2: [D] means.
     sigma1, sigma2: [D, D] covariances.
-    eps: if the matrix square root of a (near-)singular product is not finite,
-      it is retried with eps·I added to both covariances.
-    imag_atol: sqrtm of a product of PSD matrices is real up to round-off; a
-      larger imaginary part on the diagonal means the inputs are not covariances.
+    rtol: an eigenvalue below −rtol·(largest) means the inputs are not covariances (a
+      ValueError); smaller negative ones are round-off and count as 0.
 
   Returns:
     The distance, a Python float.
@@ -38,29 +39,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps=1e-6, imag_atol=1e-3):
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
       raise ValueError(f"mu{name} must be [D] and sigma{name} [D, D]; got "
                        f"{mu.shape} and {sigma.shape}.")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+      raise ValueError(f"mu{name} or sigma{name} has NaN or inf entries.")
   if mu1.shape != mu2.shape:
     raise ValueError(f"Feature dimensions differ: mu1 {mu1.shape} vs mu2 {mu2.shape}.")
 
-  with warnings.catch_warnings():
-    # Rank-deficient covariances (fewer samples than dimensions) are routine.
-    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-      offset = eps * np.eye(mu1.size)
-      covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  if not np.isfinite(covmean).all():
-    raise ValueError("sqrtm(sigma1 @ sigma2) is not finite even with an "
-                     f"eps={eps} offset; check the covariances for NaN/inf.")
-  if np.iscomplexobj(covmean):
-    max_imag = np.abs(np.diagonal(covmean).imag).max()
-    if max_imag > imag_atol:
-      raise ValueError(
-          f"sqrtm(sigma1 @ sigma2) has an imaginary diagonal part of {max_imag:.3g} "
-          f"(> imag_atol={imag_atol}); sigma1/sigma2 are not valid covariances.")
-    covmean = covmean.real
+  def nonnegative(eigenvalues, what):
+    if eigenvalues.min() < -rtol * max(np.abs(eigenvalues).max(), np.finfo(float).tiny):
+      raise ValueError(f"{what} has a negative eigenvalue {eigenvalues.min():.3g}: "
+                       "sigma1/sigma2 are not valid covariances.")
+    return np.clip(eigenvalues, 0.0, None)
+
+  w, v = scipy.linalg.eigh(sigma1)
+  sqrt_sigma1 = (v * np.sqrt(nonnegative(w, "sigma1"))) @ v.T
+  product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+  eig = scipy.linalg.eigh((product + product.T) / 2, eigvals_only=True)
+  trace_sqrt = np.sqrt(nonnegative(eig, "sigma1^½ sigma2 sigma1^½")).sum()
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-               - 2.0 * np.trace(covmean))
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def split_index(indices, num_samples, num_splits=DEFAULT_SPLITS):
