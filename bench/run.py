@@ -30,6 +30,48 @@ def _peer(quick: bool) -> dict | None:
   return torch_peer.run(quick=quick)
 
 
+def ours_guided_step(quick: bool = False, guidance_weight: float = 3.0) -> dict:
+  """Our counterpart of the peer's guided step: ε̃ from one forward on 2N, N = 32.
+
+  The CPU-sized U-Net (`torch_peer.OURS`), both halves in one batch, median of 5 calls.
+  """
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bench import torch_peer  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import models  # pylint: disable=g-import-not-at-top
+  config = dict(torch_peer.OURS)
+  n = 2 if quick else torch_peer.BATCH
+  if quick:
+    config.update(image_size=8, channel_mult=(1,), num_res_blocks=1,
+                  attention_resolutions=())
+  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(0)), nnx.Param)
+  rng = np.random.default_rng(0)
+  size = config["image_size"]
+  z = jnp.asarray(rng.standard_normal((n, size, size, 3)), jnp.float32)
+  logsnr = jnp.asarray(rng.uniform(-20, 20, n), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, torch_peer.NUM_CLASSES, n), jnp.int32)
+  null = jnp.full_like(labels, torch_peer.NUM_CLASSES)
+
+  @jax.jit
+  def guided(params, z, logsnr, labels):
+    eps = nnx.merge(graphdef, params)(jnp.concatenate([z, z]),
+                                      jnp.concatenate([logsnr, logsnr]),
+                                      jnp.concatenate([labels, null]))
+    eps_c, eps_u = jnp.split(eps, 2)
+    return (1 + guidance_weight) * eps_c - guidance_weight * eps_u
+
+  jax.block_until_ready(guided(params, z, logsnr, labels))
+  times = []
+  for _ in range(2 if quick else 5):
+    start = time.perf_counter()
+    jax.block_until_ready(guided(params, z, logsnr, labels))
+    times.append(time.perf_counter() - start)
+  return {"batch": n, "guided_step_s": statistics.median(times)}
+
+
 def measure(quick: bool = False) -> dict:
   """Every CPU measurement; `quick` shrinks each to seconds (the test suite runs that)."""
   peak = train_bench.matmul_peak()
@@ -37,6 +79,7 @@ def measure(quick: bool = False) -> dict:
   presets = ["digits"] if quick else ["digits", "cpu_unet"]
   results["train"] = [train_bench.run(quick=quick, preset=p, peak=peak) for p in presets]
   results["sampler"] = sampler_overhead.run(quick=quick)
+  results["ours_guided"] = ours_guided_step(quick)
   results["peer"] = _peer(quick)
   return results
 
@@ -86,20 +129,42 @@ def render(results: dict) -> str:
                  f"{r.get('memory_mib', float('nan')):.0f} |")
   s = results["sampler"]
   lines += ["", "## Guided sampler overhead (CPU)", "",
-            "wall time of `sample` / (T × one `eps_fn` call on 2N); goal ≤ 1.05.", "",
-            "```json", json.dumps(s, indent=1, default=str), "```"]
-  peer = results.get("peer")
-  lines += ["", "## PyTorch peer (diffusers UNet2DModel, CPU)", ""]
-  if peer:
-    lines += ["```json", json.dumps(peer, indent=1, default=str), "```"]
+            f"Wall time of `sample` / (T × one `eps_fn` call), N = {s['n']}, "
+            f"T = {s['num_steps']}, {'×'.join(map(str, s['shape']))}; goal ≤ 1.05.", "",
+            "| form | wall-time ratio | CPU-time ratio |", "|---|---|---|",
+            f"| one call on 2N | {s['overhead_batched_2n']:.3f} | "
+            f"{s['overhead_batched_2n_cpu_time']:.3f} |",
+            f"| two calls on N | {s['overhead_two_calls']:.3f} | "
+            f"{s['overhead_two_calls_cpu_time']:.3f} |"]
+  lines += ["", "## Against the PyTorch peer (diffusers UNet2DModel, CPU)", ""]
+  peer, ours = results.get("peer"), _cpu_unet(results)
+  if peer and ours:
+    guided = results["ours_guided"]["guided_step_s"]
+    lines += [f"torch {peer['torch']} with {peer['threads']} threads, batch {peer['batch']}; "
+              "seconds per step, and our time / the peer's (below 1: we are faster).", "",
+              "| model | params | train step s | ours / peer | guided step (2N) s | "
+              "ours / peer |", "|---|---|---|---|---|---|",
+              f"| ours (cpu_unet) | {peer['ours_params']:,} | {ours['step_s']:.3f} | | "
+              f"{guided:.3f} | |"]
+    for name in ("spec", "adm"):
+      if name in peer:
+        p = peer[name]
+        lines.append(f"| diffusers `{name}` | {p['params']:,} | {p['train_step_s']:.3f} | "
+                     f"{ours['step_s'] / p['train_step_s']:.2f} | {p['guided_step_s']:.3f} "
+                     f"| {guided / p['guided_step_s']:.2f} |")
   else:
-    lines.append("torch/diffusers not installed (`pip install -e \".[bench]\"`).")
+    lines.append("torch/diffusers not installed (`pip install -e \".[bench]\"`), or "
+                 "`--quick`: no comparison.")
   acc = _accelerator_rows()
   if acc:
     lines += ["", "## Accelerators (`bench/gpu.py`)", "",
               "| device | what | throughput | utilisation | compile / memory | record |",
               "|---|---|---|---|---|---|", *acc]
   return "\n".join(lines) + "\n"
+
+
+def _cpu_unet(results: dict) -> dict | None:
+  return next((r for r in results["train"] if r["preset"] == "cpu_unet"), None)
 
 
 def main():

@@ -15,13 +15,13 @@ IMAGE = 32
 THREADS = 2
 
 # The CPU-sized U-Net: 32x32x3, C = 64, multipliers (1, 2, 2), 2 blocks, attention at
-# 16 and 8, 32-channel heads, 32 GroupNorm groups.
+# 16 and 8, 32-channel heads, 32 GroupNorm groups, dropout 0.1 (diffusers' default is 0).
 SPEC = dict(
     sample_size=IMAGE, in_channels=3, out_channels=3,
     block_out_channels=(64, 128, 128), layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32, norm_num_groups=32,
+    attention_head_dim=32, norm_num_groups=32, dropout=0.1,  # as configs/adm.py
     class_embed_type=None, num_class_embeds=NUM_CLASSES + 1)
 
 # Closer to our ADM U-Net: scale-shift conditioning and residual (BigGAN) up/down-sampling

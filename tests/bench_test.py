@@ -22,3 +22,22 @@ def test_quick_benchmark_renders_consistent_numbers(tmp_path, monkeypatch):
   text = out.read_text()
   assert text.count(bench_run.BEGIN) == 1 and "Hand-written notes stay." in text
   assert "| digits | 8 |" in text
+
+
+def test_profile_step_sorts_a_programs_thunks_by_kind():
+  from bench import profile_step  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def program(x, kernel, w, key):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jnp.tanh(y) @ w
+    keep = jax.random.bernoulli(key, 0.9, y.shape)
+    return jnp.where(keep, y, 0).sum(axis=(1, 2)), jnp.transpose(y, (3, 1, 2, 0)) * 2
+  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((4, 4)),
+          jax.random.key(0, impl="rbg"))
+  kinds = profile_step._fusion_kinds(jax.jit(program).lower(*args).compile().as_text())
+  # Every instruction the program is built from lands in one of the kinds.
+  found = {kind for kind, _ in kinds.values()}
+  assert {"conv", "dot", "reduce", "random bits"} <= found, kinds
