@@ -77,3 +77,14 @@ def test_group_norm_keeps_float32_statistics_under_a_large_offset():
   x = 1e4 + np.random.default_rng(4).standard_normal((2, 3, 3, 8))
   out = layers.GroupNorm(8, 2)(jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(out, _np_group_norm(x, 1.0, 0.0, 2), atol=5e-3)
+
+
+def test_group_norm_float32_statistics_in_bfloat16():
+  norm = layers.GroupNorm(8, 2, dtype=jnp.bfloat16)
+  # A large offset: bf16 statistics would lose the per-element deviations entirely.
+  x = (1000.0 + np.random.default_rng(5).standard_normal((2, 3, 3, 8))).astype(
+      np.float32)
+  out = norm(jnp.asarray(x))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             _np_group_norm(x.astype(np.float64), 1.0, 0.0, 2), atol=2e-2)
