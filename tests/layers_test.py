@@ -88,3 +88,32 @@ def test_group_norm_float32_statistics_in_bfloat16():
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              _np_group_norm(x.astype(np.float64), 1.0, 0.0, 2), atol=2e-2)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_rate_and_inverted_scale(rate):
+  shape = (257, 129)  # An odd element count: the last 32-bit word is half used.
+  key = jax.random.wrap_key_data(jnp.arange(4, dtype=jnp.uint32), impl="rbg")
+  out = np.asarray(layers.dropout(jnp.ones(shape, jnp.float32), rate, key), np.float64)
+  threshold = round(rate * 2**16)
+  p_drop = threshold / 2**16
+  assert abs(p_drop - rate) <= 2**-17
+  # Kept elements carry exactly 1 / P(keep); dropped ones are 0.
+  kept = out[out != 0]
+  np.testing.assert_allclose(kept, np.float32(1 / (1 - p_drop)), rtol=1e-7)
+  # The drop fraction is Binomial(n, p_drop): within 5 standard deviations.
+  n = out.size
+  sd = np.sqrt(p_drop * (1 - p_drop) / n)
+  assert abs(np.mean(out == 0) - p_drop) < 5 * sd
+  assert abs(out.mean() - 1.0) < 5 * sd / (1 - p_drop)
+  # The same key gives the same mask; another key, another.
+  again = np.asarray(layers.dropout(jnp.ones(shape, jnp.float32), rate, key))
+  np.testing.assert_array_equal(again, out)
+  other = layers.dropout(jnp.ones(shape, jnp.float32), rate, jax.random.fold_in(key, 1))
+  assert np.mean((np.asarray(other) == 0) != (out == 0)) > 0.5 * p_drop
+
+
+def test_dropout_is_identity_without_key_or_rate():
+  x = jnp.arange(6.0)
+  np.testing.assert_array_equal(layers.dropout(x, 0.5, None), x)
+  np.testing.assert_array_equal(layers.dropout(x, 0.0, jax.random.key(0)), x)

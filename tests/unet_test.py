@@ -335,7 +335,8 @@ def test_dropout_only_in_training_and_remat_matches(small):
                                      weights)
   np.testing.assert_allclose(train_remat, train1, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Float32 round-off of sums in another order: relative to each leaf's scale.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
   with pytest.raises(ValueError, match="rngs"):
     nnx.merge(graphdef, params)(z, logsnr, labels, train=True)

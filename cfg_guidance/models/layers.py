@@ -154,11 +154,22 @@ class GroupNorm(nnx.Module):
 
 
 def dropout(x, rate, key):
-  """Inverted dropout; identity when `key` is None (eval) or rate is 0."""
+  """Inverted dropout; identity when `key` is None (eval) or rate is 0.
+
+  Each element is dropped when 16 random bits fall below round(rate·2^16), so the rate
+  is exact to 2^−17 (0.1 → 0.100006), and kept elements are scaled by the inverse of the
+  exact keep probability, so E[dropout(x)] = x. Two masks per 32-bit random word: the
+  random bits cost half of `jax.random.bernoulli`'s, whose 32-bit uniforms took 21 ms per
+  2M-element mask on XLA:CPU (bench/BENCHMARKS.md).
+  """
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  threshold = min(round(rate * 2**16), 2**16 - 1)
+  words = jax.random.bits(key, ((x.size + 1) // 2,), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size]
+  keep = halves.reshape(x.shape) >= threshold
+  scale = jnp.asarray(2**16 / (2**16 - threshold), x.dtype)
+  return jnp.where(keep, x * scale, jnp.zeros_like(x))
 
 
 def dropout_key(train, rate, rngs):
