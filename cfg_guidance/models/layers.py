@@ -158,7 +158,7 @@ def dropout(x, rate, key):
 
   Each element is dropped when 16 random bits fall below round(rate·2^16), so the rate
   is exact to 2^−17 (0.1 → 0.100006), and kept elements are scaled by the inverse of the
-  exact keep probability, so E[dropout(x)] = x. Two masks per 32-bit random word: the
+  exact keep probability, so E[dropout(x)] = x. Two elements per 32-bit random word: the
   random bits cost half of `jax.random.bernoulli`'s, whose 32-bit uniforms took 21 ms per
   2M-element mask on XLA:CPU (bench/BENCHMARKS.md).
   """
