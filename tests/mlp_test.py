@@ -1,7 +1,5 @@
 """Tests for the 2-D residual-MLP denoiser (cfg_guidance/models/mlp.py)."""
 
-import functools
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -10,20 +8,11 @@ import pytest
 
 from cfg_guidance import models
 from configs import adm
+import model_helpers
 
 K = 3  # Classes; label K is ∅.
 CONFIG = dict(name="mlp", num_classes=K, dim=2, hidden=32, num_blocks=2, dropout=0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
-def _forward(graphdef, params, z, logsnr, labels, key, train=False):
-  model = nnx.merge(graphdef, params)
-  return model(z, logsnr, labels, train=train, rngs=nnx.Rngs(dropout=key))
-
-
-def _split(config, seed=0):
-  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(seed)), nnx.Param)
-  return graphdef, params.to_pure_dict()
+_forward, _split = model_helpers.forward, model_helpers.split
 
 
 def _perturb(params, seed, scale=0.3):

@@ -14,6 +14,7 @@ from cfg_guidance.models import layers
 from cfg_guidance.models import unet
 from configs import adm
 from layers_test import _np_group_norm as _gn  # The float64 GroupNorm reference.
+import model_helpers
 
 K = 10  # Classes of the tiny configs; label K is ∅.
 TINY = {
@@ -34,16 +35,7 @@ TINY = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
-def _forward(graphdef, params, z, logsnr, labels, key, train=False):
-  model = nnx.merge(graphdef, params)
-  return model(z, logsnr, labels, train=train, rngs=nnx.Rngs(dropout=key))
-
-
-def _split(config, seed=0):
-  """(graphdef, params as a plain nested dict) of a created model."""
-  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(seed)), nnx.Param)
-  return graphdef, params.to_pure_dict()
+_forward, _split = model_helpers.forward, model_helpers.split
 
 
 def _flat(params):
