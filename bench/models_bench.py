@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import models
+from cfg_guidance import models, xla_options
 from configs import adm
 
 
@@ -72,11 +72,11 @@ def run(quick: bool = False, preset: str = "cpu_unet", batch_size: int = 32,
   labels = jnp.asarray(rng.integers(0, config.num_classes + 1, batch), jnp.int32)
   key = jax.random.key(1)
 
-  @jax.jit
+  @xla_options.jit
   def forward(params, z, logsnr, labels):
     return nnx.merge(graphdef, params)(z, logsnr, labels)
 
-  @jax.jit
+  @xla_options.jit
   def train_step(params, z, eps, logsnr, labels, key):
     def loss(params):
       model = nnx.merge(graphdef, params)

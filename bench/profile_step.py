@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import models
+from cfg_guidance import models, xla_options
 from configs import adm
 
 _KINDS = (("convolution", "conv"), ("dot", "dot"), ("reduce", "reduce"),
@@ -38,7 +38,7 @@ def _train_step(preset, batch):
   logsnr = jnp.asarray(rng.uniform(-20, 20, batch), jnp.float32)
   labels = jnp.asarray(rng.integers(0, config.num_classes + 1, batch), jnp.int32)
 
-  @jax.jit
+  @xla_options.jit
   def step(params, key):
     def loss(params):
       model = nnx.merge(graphdef, params)

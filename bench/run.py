@@ -41,7 +41,7 @@ def ours_guided_step(quick: bool = False, guidance_weight: float = 3.0) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bench import torch_peer  # pylint: disable=g-import-not-at-top
-  from cfg_guidance import models  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import models, xla_options  # pylint: disable=g-import-not-at-top
   config = dict(torch_peer.OURS)
   n = 2 if quick else torch_peer.BATCH
   if quick:
@@ -55,7 +55,7 @@ def ours_guided_step(quick: bool = False, guidance_weight: float = 3.0) -> dict:
   labels = jnp.asarray(rng.integers(0, torch_peer.NUM_CLASSES, n), jnp.int32)
   null = jnp.full_like(labels, torch_peer.NUM_CLASSES)
 
-  @jax.jit
+  @xla_options.jit
   def guided(params, z, logsnr, labels):
     eps = nnx.merge(graphdef, params)(jnp.concatenate([z, z]),
                                       jnp.concatenate([logsnr, logsnr]),

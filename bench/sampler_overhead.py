@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import sampling
+from cfg_guidance import sampling, xla_options
 
 NUM_CLASSES = 10
 
@@ -64,7 +64,7 @@ def run(quick: bool = False) -> dict:
   eps_fn = jax.tree_util.Partial(conv_eps_fn, params)
   labels = np.arange(n, dtype=np.int32) % NUM_CLASSES
   weights = np.linspace(0.0, 4.0, n, dtype=np.float32)
-  net = jax.jit(conv_eps_fn)
+  net = xla_options.jit(conv_eps_fn)
 
   def net_call(m):
     z = jax.random.normal(jax.random.key(1), (m, *shape))

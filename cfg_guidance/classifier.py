@@ -17,6 +17,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from cfg_guidance import xla_options
+
 CHECKPOINT_SUBDIR = "classifier"
 _METADATA_FILE = "classifier.json"
 
@@ -92,7 +94,8 @@ def _train_fns(graphdef, learning_rate):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  return jax.jit(tx.init), jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(tx.init), jax.jit(train_step, donate_argnums=(0, 1),
+                                 compiler_options=xla_options.compiler_options())
 
 
 class ClassifierExtractor:

@@ -19,6 +19,7 @@ import numpy as np
 
 from cfg_guidance import checkpointing, classifier, config_checks, eval_reference, eval_report
 from cfg_guidance import grids, images, inception, metrics, sampling, sharding, train
+from cfg_guidance import xla_options
 
 EXTRACTORS = ("inception", "classifier")
 # The grids' keys hang off fold_in(key(seed), GRID_STREAM), an index no sweep reaches.
@@ -66,8 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 # --- Sampling, sharded over every device of every process. ---
 
-@functools.partial(jax.jit, static_argnames=("shape", "num_steps", "sampler_kwargs",
-                                             "out_sharding"))
+@xla_options.jit(static_argnames=("shape", "num_steps", "sampler_kwargs", "out_sharding"))
 def _sample_rows(eps_fn, root, indices, labels, weight, *, shape, num_steps,
                  sampler_kwargs, out_sharding):
   """[B, *shape] samples; example `indices[b]` draws its noise from fold_in(root, i)."""

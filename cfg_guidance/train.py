@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from cfg_guidance import checkpointing, diffusion, input_pipeline, models, sharding
-from cfg_guidance import config_checks, grids, preemption
+from cfg_guidance import config_checks, grids, preemption, xla_options
 
 
 class NonFiniteError(RuntimeError):
@@ -193,7 +193,7 @@ def make_train_fn(config, graphdef, tx, state_shardings, mesh):
   batch_sharding = sharding.data_sharding(mesh, leading_axes=1)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=xla_options.compiler_options())
 
 
 def next_stack(data_iter, num: int) -> dict:
