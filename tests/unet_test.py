@@ -154,6 +154,33 @@ def test_attention_matches_numpy_reference():
   np.testing.assert_allclose(out, _np_attention(p, _np(x), 4, 4), rtol=1e-4, atol=1e-4)
 
 
+def test_attention_gradients_match_the_textbook_softmax():
+  """The block normalises after the value matmul; its gradients must equal those of
+  softmax(q kᵀ/√d) v written with jax.nn.softmax (a second code path)."""
+  block = unet.AttentionBlock(16, 4, num_groups=4)
+  _perturbed_layer(block, 5)
+  graphdef, params = nnx.split(block, nnx.Param)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 4, 4, 16)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(7).standard_normal((2, 4, 4, 16)), jnp.float32)
+
+  def textbook(params, x):
+    b = nnx.merge(graphdef, params)
+    n, hgt, wid, c = x.shape
+    qkv = b.qkv(b.norm(x).reshape(n, hgt * wid, c))
+    q, k, v = (a.reshape(n, -1, 4, c // 4) for a in jnp.split(qkv, 3, axis=-1))
+    w = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(c // 4), axis=-1)
+    out = jnp.einsum("nhqk,nkhd->nqhd", w, v).reshape(n, -1, c)
+    return x + b.proj_out(out).reshape(x.shape)
+
+  def loss(fn):
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * g), (0, 1)))(params, x)
+
+  got = loss(lambda p, x: nnx.merge(graphdef, p)(x))
+  want = loss(textbook)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 def test_logsnr_embedding_finite_distinct_and_exact():
   logsnr = np.linspace(-20.0, 20.0, 801)
   t = np.asarray(layers.logsnr_to_time(jnp.asarray(logsnr, jnp.float32)), np.float64)
