@@ -3,10 +3,10 @@
 On CPU, XLA (jaxlib 0.10) hands convolutions, matmuls and reductions to YNNPACK fusions.
 For our U-Nets its convolutions are the slower choice: with convolutions left to XLA's
 Eigen path and YNNPACK kept for matmuls and reductions, the CPU-sized U-Net's train step
-takes 3.32 instead of 3.74 s on one core and 1.82 instead of 2.31 s on two, the
-convolution kernel gradient alone 47 instead of 74 ms (bench/BENCHMARKS.md, change 10).
-Reductions must stay with YNNPACK: XLA's own loop for a gradient's sum over N, H, W with
-GroupNorm's backward fused in took 48 ms where YNNPACK takes under 1.
+takes 3.21 instead of 3.71 s on one core and 1.74 instead of 2.26 s on two; the 3x3
+kernel gradient at 32x32x128 alone takes 47 instead of 74 ms (bench/BENCHMARKS.md,
+change 10). Reductions must stay with YNNPACK: as XLA's own loops, the gradients' sums
+over N, H, W (GroupNorm's backward fused in) took 344 instead of 10 ms per step.
 
 The options go to `jax.jit(..., compiler_options=...)` of the train step, the sampler
 and the evaluation sampler, not to XLA_FLAGS: they apply to those programs only, leave a

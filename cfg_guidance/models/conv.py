@@ -40,7 +40,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1) -> jax.Array:
   at trace time) a 1x1 kernel runs as a matmul, whose autodiff gradients are matmuls:
   XLA:CPU takes a convolution's kernel gradient as a second convolution with an
   H x W window, 2-4x slower there. 3x3 kernels keep XLA's convolution and gradients,
-  which beat im2col and per-tap matmuls on CPU (bench/conv_bench.py has the numbers).
+  which beat im2col and per-tap matmuls on CPU (bench/conv_bench.py has the numbers);
+  the jitted train step and samplers run them on XLA's Eigen path, not YNNPACK
+  (xla_options.py).
   """
   _check(x, kernel, stride)
   if jax.default_backend() == "cpu" and kernel.shape[:2] == (1, 1):
