@@ -6,7 +6,6 @@ size, device count or process count. Features stream into float64 statistics on
 process 0, which writes WORKDIR/eval/<step>/ (the files are made in eval_report.py).
 """
 
-import functools
 import logging
 import time
 
