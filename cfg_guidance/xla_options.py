@@ -9,11 +9,11 @@ change 10). Reductions must stay with YNNPACK: as XLA's own loops, the gradients
 over N, H, W (GroupNorm's backward fused in) took 344 instead of 10 ms per step.
 
 The options go to `jax.jit(..., compiler_options=...)` of the train step, the sampler,
-the evaluation sampler and the stand-in classifier's step, not to XLA_FLAGS: they apply to those programs only, leave a
-user's own jits alone, and an XLA that does not know them (another jaxlib, a TPU
-runtime) is detected once and skipped with a warning instead of failing the run. A
-`--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's choice: then none is
-set here.
+the evaluation sampler and the stand-in classifier's step, not to XLA_FLAGS: they apply
+to those programs only, leave a user's own jits alone, and an XLA that does not know
+them (another jaxlib, a TPU runtime) is detected once and skipped with a warning instead
+of failing the run. A `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the
+user's choice: then none is set here.
 """
 
 import functools
