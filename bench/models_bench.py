@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import models, xla_options
+from cfg_guidance import cpu_runtime, models, xla_options
 from configs import adm
 
 
@@ -116,4 +116,6 @@ if __name__ == "__main__":
   parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--iters", type=int, default=5)
-  print(json.dumps(run(**vars(parser.parse_args())), indent=2))
+  args = parser.parse_args()
+  cpu_runtime.configure()
+  print(json.dumps(run(**vars(args)), indent=2))

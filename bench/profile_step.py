@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import models, xla_options
+from cfg_guidance import cpu_runtime, models, xla_options
 from configs import adm
 
 _KINDS = (("convolution", "conv"), ("dot", "dot"), ("reduce", "reduce"),
@@ -100,6 +100,7 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args()
+  cpu_runtime.configure()
   result = run(args.preset, args.batch, top=args.top)
   total = result["ms_per_step"]
   print(f"{result['preset']}, batch {result['batch']}: {total:.0f} ms per step in thunks")

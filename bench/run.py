@@ -17,6 +17,7 @@ import platform
 import jax
 
 from bench import sampler_overhead, train_bench
+from cfg_guidance import cpu_runtime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- bench.run: generated -->", "<!-- bench.run: end -->"
@@ -172,6 +173,7 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", default=os.path.join(HERE, "BENCHMARKS.md"))
   args = parser.parse_args()
+  cpu_runtime.configure()  # As the CLI does; the peer, in this process, gets it too.
   text = render(measure(args.quick))
   print(text)
   if args.out:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import sampling, xla_options
+from cfg_guidance import cpu_runtime, sampling, xla_options
 
 NUM_CLASSES = 10
 
@@ -104,6 +104,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--quick", action="store_true", help="Small sizes for a smoke run.")
   args = parser.parse_args()
+  cpu_runtime.configure()
   print(json.dumps(run(quick=args.quick), indent=2))
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import sharding, train
+from cfg_guidance import cpu_runtime, sharding, train
 from configs import adm, digits
 
 
@@ -89,7 +89,11 @@ def main():
   parser.add_argument("--preset", default="digits")
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--no_cpu_runtime", action="store_true",
+                      help="Leave JAX's dispatch and glibc's malloc at their defaults.")
   args = parser.parse_args()
+  if not args.no_cpu_runtime:
+    cpu_runtime.configure()
   print(json.dumps(run(args.quick, args.preset, args.batch), indent=1))
 
 

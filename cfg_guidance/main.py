@@ -17,6 +17,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "on Cloud TPU and under SLURM).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("cpu_runtime", True,
+                  "On CPU (Linux, glibc): run computations inline and keep XLA's scratch "
+                  "memory mapped between steps (cfg_guidance/cpu_runtime.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,8 +33,10 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
 
   import jax  # pylint: disable=g-import-not-at-top
-  from cfg_guidance import distributed  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import cpu_runtime, distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.cpu_runtime:
+    cpu_runtime.configure()
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
 

@@ -19,3 +19,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+# Computations inline, XLA's scratch memory kept mapped between calls: what the CLI does.
+from cfg_guidance import cpu_runtime  # noqa: E402
+
+cpu_runtime.configure(backend="cpu")
