@@ -69,4 +69,5 @@ def configure(backend: str | None = None) -> bool:
     logging.warning("glibc's mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD; XLA:CPU's "
                     "scratch memory is mapped afresh at every call.")
     return False
+  logging.info("XLA:CPU computations run inline; their scratch memory stays mapped.")
   return True
