@@ -14,9 +14,10 @@ and 0.55 s of system time in a 3.1 s one-core step. Two settings keep the memory
 - glibc's `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, -1)`: the heap serves
   large blocks itself and keeps freed memory instead of handing it back to the kernel.
 
-The CPU-sized U-Net's train step then takes 2.45 instead of 3.08 s on one core and 1.48
-instead of 1.86 s on two; the digits step 42 instead of 61 ms, and the Quickstart's
-training runs at 24 instead of 18 steps/s (bench/BENCHMARKS.md, change 12). The price:
+The CPU-sized U-Net's train step then takes 2.45–2.51 instead of 3.12–3.15 s on one core
+and 1.43 instead of 1.84 s on two; the digits step 40 instead of 67 ms, and the
+Quickstart's training runs at 22–23 instead of 17–18 steps/s (bench/BENCHMARKS.md,
+change 12). The price:
 the process keeps its peak heap mapped (it reached it at every step anyway), and Python
 no longer runs ahead of a CPU computation, which on CPU competes for the same cores.
 
