@@ -17,9 +17,9 @@ and 0.55 s of system time in a 3.1 s one-core step. Two settings keep the memory
 The CPU-sized U-Net's train step then takes 2.45–2.51 instead of 3.12–3.15 s on one core
 and 1.43 instead of 1.84 s on two; the digits step 40 instead of 67 ms, and the
 Quickstart's training runs at 22–23 instead of 17–18 steps/s (bench/BENCHMARKS.md,
-change 12). The price:
-the process keeps its peak heap mapped (it reached it at every step anyway), and Python
-no longer runs ahead of a CPU computation, which on CPU competes for the same cores.
+change 12). The price: the process keeps its peak heap mapped (it reached it at every
+step anyway), and Python no longer runs ahead of a CPU computation, which on CPU
+competes for the same cores.
 
 Only for the CPU backend on Linux with glibc; elsewhere nothing changes.
 """

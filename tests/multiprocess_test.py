@@ -46,9 +46,9 @@ def _free_port() -> int:
 def test_two_processes_match_one_process(tmp_path, devices):
   script = tmp_path / "worker.py"
   out = tmp_path / "params.npz"
-  script.write_text(WORKER.format(devices=devices, root=ROOT, tests=os.path.join(ROOT, "tests"),
-                                  port=_free_port(), workdir=str(tmp_path / "work"),
-                                  out=str(out)))
+  script.write_text(WORKER.format(devices=devices, root=ROOT,
+                                  tests=os.path.join(ROOT, "tests"), port=_free_port(),
+                                  workdir=str(tmp_path / "work"), out=str(out)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   procs = [subprocess.Popen([sys.executable, str(script), str(i)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
