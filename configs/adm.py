@@ -22,6 +22,8 @@ def _unet(**fields) -> ml_collections.ConfigDict:
   model.resblock_updown = True  # BigGAN residual up/down-sampling (else conv resample).
   model.dtype = "float32"  # Compute dtype; parameters, norms, softmax stay float32.
   model.remat = False  # Rematerialise each block in the backward pass.
+  # einsum (any device) | cudnn (cuDNN flash attention: CUDA GPU, bfloat16) | xla.
+  model.attention_impl = "einsum"
   for name, value in fields.items():
     if name not in model:
       raise ValueError(f"Unknown U-Net field {name!r}.")

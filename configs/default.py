@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.resblock_updown = True  # BigGAN-style residual up/down-sampling.
   model.dtype = "float32"  # Compute dtype (bfloat16 on TPU/GPU); parameters stay float32.
   model.remat = False  # Rematerialise each block to save activation memory.
+  model.attention_impl = "einsum"  # einsum | cudnn (CUDA GPU, bfloat16) | xla.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.logsnr_min = -20.0  # λ_min of training and sampling.

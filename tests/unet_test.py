@@ -146,18 +146,22 @@ def test_resblock_matches_numpy_reference(resample, cin, cout):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_attention_matches_numpy_reference():
-  block = unet.AttentionBlock(16, 4, num_groups=4)
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_attention_matches_numpy_reference(impl):
+  """"xla" is jax.nn.dot_product_attention, the path "cudnn" shares but for the kernel."""
+  block = unet.AttentionBlock(16, 4, num_groups=4, impl=impl)
   p = _perturbed_layer(block, 3)
   x = np.random.default_rng(4).standard_normal((2, 4, 4, 16)).astype(np.float32)
   out = nnx.jit(lambda b, x: b(x))(block, x)
   np.testing.assert_allclose(out, _np_attention(p, _np(x), 4, 4), rtol=1e-4, atol=1e-4)
 
 
-def test_attention_gradients_match_the_textbook_softmax():
-  """The block normalises after the value matmul; its gradients must equal those of
-  softmax(q kᵀ/√d) v written with jax.nn.softmax (a second code path)."""
-  block = unet.AttentionBlock(16, 4, num_groups=4)
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_attention_gradients_match_the_textbook_softmax(impl):
+  """The einsum block normalises after the value matmul; its gradients, and those of
+  jax.nn.dot_product_attention, must equal those of softmax(q kᵀ/√d) v written with
+  jax.nn.softmax (a second code path)."""
+  block = unet.AttentionBlock(16, 4, num_groups=4, impl=impl)
   _perturbed_layer(block, 5)
   graphdef, params = nnx.split(block, nnx.Param)
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 4, 4, 16)), jnp.float32)
@@ -179,6 +183,28 @@ def test_attention_gradients_match_the_textbook_softmax():
   want = loss(textbook)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_unet_attention_impls_agree():
+  """The whole U-Net with jax.nn.dot_product_attention equals the einsum form."""
+  config = TINY["16x16x3"]
+  graphdef, params = _split(config)
+  params = _perturb(params, 11)
+  z, logsnr, labels = _inputs(config)
+  key = jax.random.key(0)
+  want = _forward(graphdef, params, z, logsnr, labels, key)
+  got = _forward(_graphdef(dict(config, attention_impl="xla")), params, z, logsnr,
+                 labels, key)
+  assert np.linalg.norm(want) > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on GPUs.")
+def test_cudnn_attention_off_gpu_is_a_clear_error():
+  config = dict(TINY["8x8x1"], dtype="bfloat16", attention_impl="cudnn")
+  graphdef, params = _split(config)
+  with pytest.raises(ValueError, match="attention_impl='cudnn' runs on CUDA GPUs"):
+    _forward(graphdef, params, *_inputs(config), jax.random.key(0))
 
 
 def test_logsnr_embedding_finite_distinct_and_exact():
@@ -452,6 +478,8 @@ def test_paper_model_parameter_counts(preset, count_fn, adm_millions, exact):
     (dict(image_size=10, channel_mult=(1, 2, 2)), "image_size"),
     (dict(dtype="float16"), "dtype"),
     (dict(dropout=1.0), "dropout"),
+    (dict(attention_impl="flash"), "attention_impl='flash'"),
+    (dict(attention_impl="cudnn"), "attention_impl='cudnn' needs dtype='bfloat16'"),
     (dict(name="resnet"), "model.name"),
     (dict(num_res_block=2), "num_res_block"),
 ])

@@ -59,40 +59,66 @@ class ResBlock(nnx.Module):
     return (x if self.skip is None else self.skip(x)) + h
 
 
+# How AttentionBlock computes softmax(q kᵀ/√d) v: "einsum", written out below (every
+# backend); "xla" or "cudnn", `jax.nn.dot_product_attention` with that implementation
+# ("cudnn" is cuDNN's fused flash attention: CUDA GPUs, bfloat16, head width ≤ 128, or
+# ≤ 256 on Hopper; it never materialises the [tokens, tokens] logits).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+def _einsum_attention(q, k, v, dtype):
+  """softmax(q kᵀ/√d) v; q, k, v: [N, tokens, heads, d] -> same, logits in float32."""
+  head_dim = q.shape[-1]
+  # Heads go first ([N, heads, tokens, d]) so each einsum is a plain batched matmul: on
+  # XLA:CPU the forward took 2.5x longer with the heads between tokens and d
+  # (bench/BENCHMARKS.md, change 7).
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+  q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+  logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
+  # softmax(logits) v with the normalisation after the second matmul, as flash
+  # attention does: one division per output element instead of one per logit. The
+  # train step of the CPU-sized U-Net took 6% less (bench/BENCHMARKS.md, change 11).
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  out = jnp.einsum("nhqk,nhkd->nhqd", e.astype(dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / e.sum(axis=-1, keepdims=True)).astype(dtype).transpose(0, 2, 1, 3)
+
+
 class AttentionBlock(nnx.Module):
   """Multi-head self-attention over the H·W positions, residual, zero-initialised output.
 
   Logits and softmax in float32. x: [N, H, W, C] -> same shape. `emb` and `key` are
-  accepted so every layer of a block has one signature; attention ignores them.
+  accepted so every layer of a block has one signature; attention ignores them. `impl`
+  is one of ATTENTION_IMPLS; it changes how, not what, the block computes.
   """
 
-  def __init__(self, channels, num_heads, *, num_groups=32, dtype=jnp.float32):
+  def __init__(self, channels, num_heads, *, num_groups=32, impl="einsum",
+               dtype=jnp.float32):
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}.")
     self.norm = layers.GroupNorm(channels, num_groups, dtype=dtype)
     # ADM's 1x1 Conv1d projections of the flattened tokens, i.e. Dense layers.
     self.qkv = layers.Dense(channels, 3 * channels, dtype=dtype)
     self.proj_out = layers.Dense(channels, channels, zero_init=True, dtype=dtype)
     self.num_heads = num_heads
+    self.impl = impl
     self.dtype = dtype
 
   def __call__(self, x, emb=None, key=None):
     del emb, key
     n, hgt, wid, c = x.shape
-    head_dim = c // self.num_heads
     qkv = self.qkv(self.norm(x).reshape(n, hgt * wid, c))
-    # q, k, v split before the heads, as ADM's use_new_attention_order. Heads go first
-    # ([N, heads, tokens, d]) so each einsum is a plain batched matmul: on XLA:CPU the
-    # forward took 2.5x longer with the heads between tokens and d (bench/BENCHMARKS.md).
-    q, k, v = (a.reshape(n, hgt * wid, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+    # q, k, v split before the heads, as ADM's use_new_attention_order.
+    q, k, v = (a.reshape(n, hgt * wid, self.num_heads, c // self.num_heads)
                for a in jnp.split(qkv, 3, axis=-1))
-    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-    logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
-    # softmax(logits) v with the normalisation after the second matmul, as flash
-    # attention does: one division per output element instead of one per logit. The
-    # train step of the CPU-sized U-Net took 6% less (bench/BENCHMARKS.md, change 11).
-    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("nhqk,nhkd->nhqd", e.astype(self.dtype), v,
-                     preferred_element_type=jnp.float32)
-    out = (out / e.sum(axis=-1, keepdims=True)).astype(self.dtype).transpose(0, 2, 1, 3)
+    if self.impl == "einsum":
+      out = _einsum_attention(q, k, v, self.dtype)
+    else:
+      if self.impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            "attention_impl='cudnn' runs on CUDA GPUs only; the default backend is "
+            f"{jax.default_backend()!r}. Use 'einsum' there.")
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     return x + self.proj_out(out.reshape(n, hgt * wid, c)).reshape(x.shape)
 
 
@@ -149,10 +175,16 @@ def _check_positive_int(name, value):
 def check_config(*, image_size, channels, base_channels, channel_mult, num_res_blocks,
                  attention_resolutions, num_classes, num_heads=-1, num_head_channels=-1,
                  num_groups=32, dropout=0.0, resblock_updown=True, dtype="float32",
-                 remat=False):
+                 remat=False, attention_impl="einsum"):
   """Raises ValueError naming the first bad field; returns {width: attention heads}."""
   del resblock_updown, remat  # Any bool will do.
   layers.parse_dtype(dtype)
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(
+        f"attention_impl={attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
+  if attention_impl == "cudnn" and dtype != "bfloat16":
+    raise ValueError(f"attention_impl='cudnn' needs dtype='bfloat16'; got {dtype!r}: "
+                     "cuDNN's flash attention has no float32 kernels.")
   channel_mult = tuple(channel_mult)
   for name, value in [("image_size", image_size), ("channels", channels),
                       ("base_channels", base_channels),
@@ -218,7 +250,8 @@ class UNet(nnx.Module):
   def __init__(self, *, image_size, channels, base_channels, channel_mult,
                num_res_blocks, attention_resolutions, num_classes, num_heads=-1,
                num_head_channels=-1, num_groups=32, dropout=0.0,
-               resblock_updown=True, dtype="float32", remat=False, rngs):
+               resblock_updown=True, dtype="float32", remat=False,
+               attention_impl="einsum", rngs):
     channel_mult = tuple(channel_mult)
     attention_resolutions = tuple(attention_resolutions)
     heads = check_config(
@@ -226,7 +259,8 @@ class UNet(nnx.Module):
         channel_mult=channel_mult, num_res_blocks=num_res_blocks,
         attention_resolutions=attention_resolutions, num_classes=num_classes,
         num_heads=num_heads, num_head_channels=num_head_channels,
-        num_groups=num_groups, dropout=dropout, dtype=dtype)
+        num_groups=num_groups, dropout=dropout, dtype=dtype,
+        attention_impl=attention_impl)
     dtype = layers.parse_dtype(dtype)
     self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
     self.dropout, self.remat, self.dtype = dropout, remat, dtype
@@ -240,7 +274,8 @@ class UNet(nnx.Module):
                       resample=resample, dtype=dtype)
 
     def attn(ch):
-      return AttentionBlock(ch, heads[ch], num_groups=num_groups, dtype=dtype)
+      return AttentionBlock(ch, heads[ch], num_groups=num_groups, impl=attention_impl,
+                            dtype=dtype)
 
     def down(ch):
       return res(ch, ch, "down") if resblock_updown else Downsample(ch, dtype=dtype)
