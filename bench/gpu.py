@@ -1,11 +1,14 @@
 """Accelerator benchmark: the ImageNet 64×64 ADM train step in bfloat16, and guided sampling.
 
-  python -m bench.gpu [--batch=64] [--sample_batch=64] [--num_steps=256] [--out=DIR]
+  python -m bench.gpu [--batch=64] [--remat] [--attention_impl=cudnn] [--sample_batch=64]
+      [--num_steps=256] [--out=DIR]
 
-Reports images/s, model-FLOP utilisation (FLOPs from XLA's cost analysis of the compiled
-step, against both the chip's spec bf16 peak and a matmul measured in the same run),
-compile times and peak memory. Each result is appended to DIR/gpu_bench.jsonl as soon as
-it exists, so a run cut short still reports what it measured.
+Reports images/s, model-FLOP utilisation (FLOPs from XLA's cost analysis of the
+un-optimised step, against both the chip's spec bf16 peak and a matmul measured in the
+same run), compile times and peak memory. With an --attention_impl other than einsum it
+first checks that implementation against the einsum form on the same parameters. Each
+result is appended to DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still
+reports what it measured.
 """
 
 import argparse
@@ -73,6 +76,46 @@ def _shape(model_config):
   return (model_config.image_size, model_config.image_size, model_config.channels)
 
 
+def _init_params(model_config):
+  create = lambda k: nnx.state(models.create(model_config, rngs=nnx.Rngs(params=k)),
+                               nnx.Param).to_pure_dict()
+  return jax.jit(create)(jax.random.key(0))
+
+
+def attention_check(name: str, model_config, n: int, out_dir: str | None):
+  """The configured attention against the einsum form, same parameters and inputs.
+
+  Reports ‖ε_impl − ε_einsum‖ / ‖ε_einsum‖ of the whole U-Net in its dtype, beside the
+  same measure for the einsum form in float32, the size of the dtype's own rounding.
+  Parameters get N(0, 0.02²) noise so the zero-initialised layers carry signal.
+  """
+  noise = lambda k, p: p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
+  params = _init_params(model_config)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [noise(k, p) for k, p in zip(keys, leaves)])
+  z = jax.random.normal(jax.random.key(2), (n, *_shape(model_config)), jnp.float32)
+  logsnr = jnp.linspace(-5.0, 5.0, n)
+  labels = jnp.arange(n, dtype=jnp.int32) % (model_config.num_classes + 1)
+
+  def eps(**overrides):
+    config = model_config.copy_and_resolve_references()
+    config.update(overrides)
+    fn = train.make_eps_fn(train.model_graphdef(config), "eps")
+    return np.asarray(jax.jit(fn)(params, z, logsnr, labels), np.float64)
+
+  want = eps(attention_impl="einsum")
+  got = eps()
+  exact = eps(attention_impl="einsum", dtype="float32")
+  rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  _emit(out_dir, {"bench": "attention_check", "model": name,
+                  "attention_impl": model_config.attention_impl,
+                  "dtype": model_config.dtype, "n": n,
+                  "rel_diff_vs_einsum": rel(got, want),
+                  "rel_diff_einsum_vs_float32": rel(want, exact),
+                  "rel_diff_vs_float32": rel(got, exact)})
+
+
 def train_step_bench(name: str, model_config, batch: int, peaks: dict,
                      out_dir: str | None):
   graphdef = train.model_graphdef(model_config)
@@ -102,6 +145,7 @@ def train_step_bench(name: str, model_config, batch: int, peaks: dict,
   stats = jax.devices()[0].memory_stats() or {}
   record = {"bench": "train_step", "model": name,
             "dtype": model_config.dtype, "batch": batch, "remat": model_config.remat,
+            "attention_impl": model_config.attention_impl,
             "compile_s": round(compile_s, 1), "step_s": seconds,
             "images_per_s": batch / seconds, "flops_per_step": flops,
             "tflops_per_s": flops / seconds / 1e12,
@@ -122,8 +166,7 @@ def _train_config():
 def sampling_bench(name: str, model_config, n: int, num_steps: int, out_dir: str | None):
   """Guided ancestral sampling, T steps, one 2N-batch network call per step."""
   graphdef = train.model_graphdef(model_config)
-  params = jax.jit(lambda k: nnx.state(models.create(model_config, rngs=nnx.Rngs(params=k)),
-                                       nnx.Param).to_pure_dict())(jax.random.key(0))
+  params = _init_params(model_config)
   eps_fn = jax.tree_util.Partial(train.make_eps_fn(graphdef, "eps"), params)
   labels = np.arange(n, dtype=np.int32) % model_config.num_classes
   run = lambda seed: sampling.sample(eps_fn, jax.random.key(seed), labels,
@@ -137,7 +180,9 @@ def sampling_bench(name: str, model_config, n: int, num_steps: int, out_dir: str
   jax.block_until_ready(run(1))
   seconds = time.perf_counter() - start
   _emit(out_dir, {"bench": "guided_sampling", "model": name,
-                  "dtype": model_config.dtype, "n": n, "num_steps": num_steps,
+                  "dtype": model_config.dtype,
+                  "attention_impl": model_config.attention_impl,
+                  "n": n, "num_steps": num_steps,
                   "compile_and_first_s": round(first_s, 1), "seconds": seconds,
                   "images_per_s": n / seconds,
                   "network_images_per_s": 2 * n * num_steps / seconds})
@@ -150,6 +195,8 @@ def main():
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--attention_impl", default="einsum",
+                      help="einsum | cudnn (cuDNN flash attention) | xla.")
   parser.add_argument("--sample_batch", type=int, default=64)
   parser.add_argument("--num_steps", type=int, default=256)
   parser.add_argument("--out", default=os.environ.get("OUT"))
@@ -163,6 +210,9 @@ def main():
   peaks = {"spec": _spec_peak(device), "matmul": measured}
   model_config = getattr(adm, args.model)()
   model_config.dtype, model_config.remat = args.dtype, args.remat
+  model_config.attention_impl = args.attention_impl
+  if args.attention_impl != "einsum":
+    attention_check(args.model, model_config, 8, args.out)
   train_step_bench(args.model, model_config, args.batch, peaks, args.out)
   sampling_bench(args.model, model_config, args.sample_batch, args.num_steps, args.out)
 

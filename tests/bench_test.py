@@ -41,3 +41,31 @@ def test_profile_step_sorts_a_programs_thunks_by_kind():
   # Every instruction the program is built from lands in one of the kinds.
   found = {kind for kind, _ in kinds.values()}
   assert {"conv", "dot", "reduce", "random bits"} <= found, kinds
+
+
+def test_gpu_script_runs_on_cpu_at_a_tiny_size(tmp_path, monkeypatch):
+  """bench.gpu end to end on the digits U-Net, with the library attention checked
+  against the einsum form: what a device session runs, at a size the CPU can afford."""
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from bench import gpu  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "argv", [
+      "gpu", "--model=digits", "--dtype=float32", "--batch=4", "--attention_impl=xla",
+      "--sample_batch=2", "--num_steps=2", f"--out={tmp_path}"])
+  gpu.main()
+  records = {}
+  for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    records[record["bench"]] = record
+  assert set(records) == {"device", "attention_check", "train_step", "guided_sampling"}
+  check = records["attention_check"]
+  # Same float32 network, two attention code paths: equal to float32 rounding.
+  assert check["rel_diff_einsum_vs_float32"] == 0.0
+  assert check["rel_diff_vs_einsum"] < 1e-5, check
+  step = records["train_step"]
+  assert step["attention_impl"] == "xla" and step["batch"] == 4
+  assert math.isclose(step["images_per_s"], 4 / step["step_s"])
+  # The digits U-Net's train step is ~0.1 GFLOP per image (bench.run's table).
+  assert 0.01e9 < step["flops_per_step"] / 4 < 1e9, step
+  assert math.isclose(records["guided_sampling"]["network_images_per_s"],
+                      2 * 2 * 2 / records["guided_sampling"]["seconds"])
