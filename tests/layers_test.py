@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from cfg_guidance.models import layers
 
@@ -90,8 +91,12 @@ def test_group_norm_float32_statistics_in_bfloat16():
                              _np_group_norm(x.astype(np.float64), 1.0, 0.0, 2), atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("rate", [0.1, 0.3])
-def test_dropout_rate_and_inverted_scale(rate):
+def test_dropout_rate_and_inverted_scale(rate, backend, monkeypatch):
+  """On CPU the mask's bits come from counter_hash_bits, elsewhere from jax.random.bits
+  (reached here by telling dropout the backend is a GPU)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   shape = (257, 129)  # An odd element count: the last 32-bit word is half used.
   key = jax.random.wrap_key_data(jnp.arange(4, dtype=jnp.uint32), impl="rbg")
   out = np.asarray(layers.dropout(jnp.ones(shape, jnp.float32), rate, key), np.float64)
@@ -111,6 +116,68 @@ def test_dropout_rate_and_inverted_scale(rate):
   np.testing.assert_array_equal(again, out)
   other = layers.dropout(jnp.ones(shape, jnp.float32), rate, jax.random.fold_in(key, 1))
   assert np.mean((np.asarray(other) == 0) != (out == 0)) > 0.5 * p_drop
+
+
+def _np_hash32(v):
+  """lowbias32 in numpy's wrapping uint32 arithmetic, from its published definition."""
+  v = np.asarray(v, np.uint32)
+  v ^= v >> np.uint32(16)
+  v *= np.uint32(0x7FEB352D)
+  v ^= v >> np.uint32(15)
+  v *= np.uint32(0x846CA68B)
+  return v ^ (v >> np.uint32(16))
+
+
+def test_counter_hash_bits_match_numpy_and_look_uniform():
+  key = jax.random.wrap_key_data(
+      jnp.asarray([0xDEADBEEF, 7, 1, 2], jnp.uint32), impl="rbg")
+  n = 1 << 20
+  words = np.asarray(jax.jit(layers.counter_hash_bits, static_argnums=1)(key, n))
+  seed = np.uint32(0x9E3779B9)
+  for word in (0xDEADBEEF, 7, 1, 2):
+    seed = _np_hash32(seed ^ np.uint32(word))
+  i = np.arange(n, dtype=np.uint32)
+  np.testing.assert_array_equal(words, _np_hash32(
+      _np_hash32(i + seed) ^ _np_hash32(seed ^ np.uint32(0x85EBCA6B))))
+  assert len(np.unique(words)) == n  # A permutation for a fixed key.
+  # Every bit is set with probability 1/2: within 5 standard deviations.
+  bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+  assert np.abs(bits.mean(axis=0) - 0.5).max() < 5 * 0.5 / np.sqrt(n)
+  # The 16-bit halves dropout thresholds: top bytes uniform over 256 bins (chi-square),
+  # and neighbours uncorrelated.
+  halves = words.view(np.uint16).astype(np.float64)
+  counts = np.bincount((halves // 256).astype(np.int64), minlength=256)
+  assert scipy.stats.chisquare(counts).pvalue > 1e-4
+  r = np.corrcoef(halves[:-1], halves[1:])[0, 1]
+  assert abs(r) < 5 / np.sqrt(halves.size), r
+
+
+@pytest.mark.parametrize("second", [
+    lambda k: jax.random.fold_in(k, 1),  # The U-Net's per-block keys.
+    lambda k: jax.random.wrap_key_data(  # One bit away.
+        jax.random.key_data(k) ^ jnp.asarray([0, 1, 0, 0], jnp.uint32), impl="rbg"),
+    lambda k: jax.random.wrap_key_data(  # One apart.
+        jax.random.key_data(k) + jnp.asarray([1, 0, 0, 0], jnp.uint32), impl="rbg"),
+    lambda k: jax.random.key(1),  # Raw threefry keys: [0, 0] against [0, 1].
+])
+def test_counter_hash_bits_of_nearby_keys_are_uncorrelated(second):
+  key = jax.random.wrap_key_data(jnp.arange(4, dtype=jnp.uint32), impl="rbg")
+  if second(key).dtype != key.dtype:  # The threefry pair.
+    key = jax.random.key(0)
+  n = 1 << 18
+  a, b = (np.asarray(layers.counter_hash_bits(k, n)).view(np.uint16).astype(np.float64)
+          for k in (key, second(key)))
+  # Same halves, or the second shifted by one word, as a shifted first stage would be.
+  for x, y in [(a, b), (a[2:], b[:-2])]:
+    r = np.corrcoef(x, y)[0, 1]
+    assert abs(r) < 5 / np.sqrt(x.size), r
+  drop_a, drop_b = a < 6554, b < 6554  # Rate 0.1 masks.
+  assert abs(np.mean(drop_a & drop_b) - 0.01) < 5 * np.sqrt(0.01 / a.size)
+
+
+def test_counter_hash_bits_refuses_more_than_2_to_the_32_words():
+  with pytest.raises(ValueError, match="at most 2\\^32 - 1 words"):
+    layers.counter_hash_bits(jax.random.key(0), 2**32)
 
 
 def test_dropout_is_identity_without_key_or_rate():
