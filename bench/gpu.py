@@ -205,7 +205,8 @@ def main():
   parser.add_argument("--attention_impl", default="einsum",
                       help="einsum | cudnn (cuDNN flash attention) | xla.")
   parser.add_argument("--sample_batch", type=int, default=64)
-  parser.add_argument("--num_steps", type=int, default=256)
+  parser.add_argument("--num_steps", type=int, default=256,
+                      help="Sampler steps T; 0 skips the sampling benchmark.")
   parser.add_argument("--out", default=os.environ.get("OUT"))
   args = parser.parse_args()
   device = jax.devices()[0]
@@ -221,7 +222,8 @@ def main():
   if args.attention_impl != "einsum":
     attention_check(args.model, model_config, 8, args.out)
   train_step_bench(args.model, model_config, args.batch, peaks, args.out)
-  sampling_bench(args.model, model_config, args.sample_batch, args.num_steps, args.out)
+  if args.num_steps:
+    sampling_bench(args.model, model_config, args.sample_batch, args.num_steps, args.out)
 
 
 if __name__ == "__main__":

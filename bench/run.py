@@ -100,15 +100,24 @@ def _accelerator_rows() -> list[str]:
       records = [json.loads(line) for line in f if line.strip()]
     device = next((r for r in records if r.get("bench") == "device"), {})
     for r in records:
-      if r.get("bench") == "train_step":
+      variant = "".join([", remat" if r.get("remat") else "",
+                         f", {r['attention_impl']} attention"
+                         if r.get("attention_impl", "einsum") != "einsum" else ""])
+      if r.get("bench") == "attention_check":
+        rows.append(f"| {device.get('kind')} | {r['attention_impl']} attention against "
+                    f"einsum, {r['model']}, {r['dtype']}, N = {r['n']} | "
+                    f"relative difference {r['rel_diff_vs_einsum']:.2e} | einsum against "
+                    f"float32: {r['rel_diff_einsum_vs_float32']:.2e} | | "
+                    f"`{os.path.basename(path)}` |")
+      elif r.get("bench") == "train_step":
         rows.append(f"| {device.get('kind')} | {r['model']} train step, {r['dtype']}, batch "
-                    f"{r['batch']} | {r['images_per_s']:.0f} img/s | "
+                    f"{r['batch']}{variant} | {r['images_per_s']:.0f} img/s | "
                     f"{r.get('mfu_vs_spec', float('nan')):.1%} of spec bf16 peak | "
                     f"compile {r['compile_s']:.0f} s, peak memory "
                     f"{r['peak_memory_gib']:.1f} GiB | `{os.path.basename(path)}` |")
       elif r.get("bench") == "guided_sampling":
         rows.append(f"| {device.get('kind')} | guided sampling, T = {r['num_steps']}, "
-                    f"N = {r['n']} | {r['images_per_s']:.2f} img/s | "
+                    f"N = {r['n']}{variant} | {r['images_per_s']:.2f} img/s | "
                     f"{r['network_images_per_s']:.0f} network img/s | compile+first "
                     f"{r['compile_and_first_s']:.0f} s | `{os.path.basename(path)}` |")
   return rows

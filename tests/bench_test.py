@@ -69,3 +69,26 @@ def test_gpu_script_runs_on_cpu_at_a_tiny_size(tmp_path, monkeypatch):
   assert 0.01e9 < step["flops_per_step"] / 4 < 1e9, step
   assert math.isclose(records["guided_sampling"]["network_images_per_s"],
                       2 * 2 * 2 / records["guided_sampling"]["seconds"])
+
+
+def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
+  import json  # pylint: disable=g-import-not-at-top
+  (tmp_path / "results").mkdir()
+  records = [
+      {"bench": "device", "kind": "NVIDIA H100"},
+      {"bench": "attention_check", "model": "imagenet64", "attention_impl": "cudnn",
+       "dtype": "bfloat16", "n": 8, "rel_diff_vs_einsum": 3.1e-3,
+       "rel_diff_einsum_vs_float32": 4.2e-3, "rel_diff_vs_float32": 5e-3},
+      {"bench": "train_step", "model": "imagenet64", "dtype": "bfloat16", "batch": 128,
+       "remat": True, "attention_impl": "cudnn", "images_per_s": 700.0,
+       "mfu_vs_spec": 0.45, "compile_s": 100.0, "peak_memory_gib": 40.0},
+      {"bench": "train_step", "model": "imagenet64", "dtype": "bfloat16", "batch": 64,
+       "remat": False, "images_per_s": 350.0, "mfu_vs_spec": 0.223, "compile_s": 156.0,
+       "peak_memory_gib": 35.2}]  # A record from before attention_impl existed.
+  (tmp_path / "results" / "h100.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in records))
+  monkeypatch.setattr(bench_run, "HERE", str(tmp_path))
+  check, cudnn, plain = bench_run._accelerator_rows()
+  assert "cudnn attention against einsum" in check and "3.10e-03" in check
+  assert "batch 128, remat, cudnn attention | 700 img/s | 45.0% of spec" in cudnn
+  assert "batch 64 | 350 img/s | 22.3% of spec" in plain
