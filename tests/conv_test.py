@@ -101,9 +101,14 @@ def test_bfloat16(ksize, stride):
 
 
 def _primitives(fn, *args):
+  """Every primitive of fn's jaxpr, inside custom_vjp calls and other sub-jaxprs too."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn.primitive.name
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        yield from walk(sub)
   # A fresh lambda each time: traces are cached per function, not per backend.
-  jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args)
-  return {eqn.primitive.name for eqn in jaxpr.eqns}
+  return set(walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr))
 
 
 def test_cpu_runs_1x1_as_a_matmul_and_3x3_as_xla_conv(monkeypatch):
@@ -117,6 +122,37 @@ def test_cpu_runs_1x1_as_a_matmul_and_3x3_as_xla_conv(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert "conv_general_dilated" in _primitives(conv.conv2d, x, k1)
   assert "dot_general" not in _primitives(conv.conv2d, x, k1)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("x_shape", [(7, 6), (2, 5, 6), (2, 3, 4, 6)])
+def test_matmul_values_and_grads_match_float64(x_shape, dtype, rtol):
+  keys = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(keys[0], x_shape, dtype)
+  w = jax.random.normal(keys[1], (6, 4), dtype)
+  g = jax.random.normal(keys[2], (*x_shape[:-1], 4), dtype)
+  y, vjp = jax.vjp(jax.jit(conv.matmul), x, w)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == dtype
+  x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+  _assert_close(y, x64 @ w64, rtol)
+  _assert_close(dx, g64 @ w64.T, rtol)
+  _assert_close(dw, x64.reshape(-1, 6).T @ g64.reshape(-1, 4), rtol)
+
+
+def test_cpu_matmul_weight_gradient_is_one_dot_over_rows(monkeypatch):
+  """Autodiff's weight gradient of jnp.dot is a dot then a transpose, which XLA:CPU runs
+  at a third of the matmul rate (bench/BENCHMARKS.md, change 14); ours is one dot."""
+  x, w, g = jnp.ones((2, 5, 6)), jnp.ones((6, 4)), jnp.ones((2, 5, 4))
+
+  def weight_grad_hlo(fn):
+    return jax.jit(jax.grad(lambda w: jnp.sum(fn(x, w) * g))).lower(w).as_text()
+  ours, autodiff = weight_grad_hlo(conv.matmul), weight_grad_hlo(jnp.dot)
+  assert "contracting_dims = [0] x [0]" in ours and "stablehlo.transpose" not in ours
+  assert "stablehlo.transpose" in autodiff
+  # Elsewhere it is jnp.dot, autodiff and all.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "custom_vjp_call" not in _primitives(conv.matmul, x, w)
 
 
 def _two_layer_loss(conv_fn, remat=False):

@@ -65,8 +65,11 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
   assert reference.shape == (16, 8, 8, 1) and np.isfinite(reference).all()
   assert np.abs(reference[0] - reference[10]).max() > 0.1  # Examples differ.
   for key, x in out.items():
-    # Per-device batch sizes change XLA's CPU kernels, hence round-off (seen: 2e-7).
-    np.testing.assert_allclose(x, reference, rtol=1e-5, atol=1e-5, err_msg=str(key))
+    # Per-device batch sizes change XLA's CPU kernels, hence round-off: 1.6e-6 in one
+    # network call between 1 and 8 devices, which the sampler's T steps at w = 2 amplify
+    # by an amount that depends on the trained weights (seen: 2e-7 to 4e-5). A wrong key
+    # or shard order would move samples by O(0.1), as the examples differ above.
+    np.testing.assert_allclose(x, reference, rtol=1e-4, atol=1e-4, err_msg=str(key))
 
   # A second code path: the sampler itself with example i's key fold_in(key(seed), i).
   eps_fn, params = _restore(config, workdir, sharding.create_mesh(jax.devices()[:1]))
@@ -77,7 +80,7 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
                            shape=(8, 8, 1), guidance_weight=2.0, null_label=10,
                            num_steps=config.eval.num_steps, v=config.sample.v,
                            clip_x=config.sample.clip_x)
-  np.testing.assert_allclose(np.asarray(direct), reference[picked], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(direct), reference[picked], rtol=1e-4, atol=1e-4)
 
 
 def test_streamed_statistics_equal_one_shot():

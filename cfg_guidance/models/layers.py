@@ -80,7 +80,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    y = conv_lib.matmul(x, self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
