@@ -48,10 +48,17 @@ start() {
     return 0
   fi
   mkdir -p "$LOGS"
-  rm -f "$LOGS/$mode.exit"
+  rm -f "$LOGS/$mode.exit" "$LOGS/$mode.pid"
   # setsid + nohup + no inherited stdio: the job outlives the ssh session.
   setsid nohup bash "${BASH_SOURCE[0]}" _run "$mode" "$@" >/dev/null 2>&1 </dev/null &
-  echo "$!" >"$LOGS/$mode.pid"
+  # setsid may fork and exit at once, so its pid ($!) can be dead before the job runs.
+  # The job records its own pid; wait for it (up to 10 s), so that a `status` right
+  # after `start` says running, not missing (which the watcher would restart).
+  local _
+  for _ in $(seq 100); do
+    [[ -s "$LOGS/$mode.pid" || -f "$LOGS/$mode.exit" ]] && break
+    sleep 0.1
+  done
   log "started $mode on $(hostname); log: $LOGS/$mode.log"
 }
 
