@@ -76,6 +76,13 @@ def _shape(model_config):
   return (model_config.image_size, model_config.image_size, model_config.channels)
 
 
+def _with(model_config, **overrides):
+  """A copy of the model config with `overrides` applied."""
+  config = model_config.copy_and_resolve_references()
+  config.update(overrides)
+  return config
+
+
 def _init_params(model_config):
   create = lambda k: nnx.state(models.create(model_config, rngs=nnx.Rngs(params=k)),
                                nnx.Param).to_pure_dict()
@@ -99,9 +106,7 @@ def attention_check(name: str, model_config, n: int, out_dir: str | None):
   labels = jnp.arange(n, dtype=jnp.int32) % (model_config.num_classes + 1)
 
   def eps(**overrides):
-    config = model_config.copy_and_resolve_references()
-    config.update(overrides)
-    fn = train.make_eps_fn(train.model_graphdef(config), "eps")
+    fn = train.make_eps_fn(train.model_graphdef(_with(model_config, **overrides)), "eps")
     return np.asarray(jax.jit(fn)(params, z, logsnr, labels), np.float64)
 
   want = eps(attention_impl="einsum")
@@ -138,9 +143,8 @@ def train_step_bench(name: str, model_config, batch: int, peaks: dict,
   compile_s = time.perf_counter() - start
   # Model FLOPs are counted on the einsum form whatever runs: a fused attention kernel is
   # a custom call that cost analysis does not see.
-  einsum_config = model_config.copy_and_resolve_references()
-  einsum_config.attention_impl = "einsum"
-  flops = _flops(_train_step(einsum_config, tx).lower(state, data))
+  einsum_step = _train_step(_with(model_config, attention_impl="einsum"), tx)
+  flops = _flops(einsum_step.lower(state, data))
   state, _ = compiled(state, data)
   jax.block_until_ready(state)
   iters = 10

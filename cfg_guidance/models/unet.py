@@ -66,6 +66,11 @@ class ResBlock(nnx.Module):
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
+def _check_attention_impl(impl):
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}.")
+
+
 def _einsum_attention(q, k, v, dtype):
   """softmax(q kᵀ/√d) v; q, k, v: [N, tokens, heads, d] -> same, logits in float32."""
   head_dim = q.shape[-1]
@@ -94,8 +99,7 @@ class AttentionBlock(nnx.Module):
 
   def __init__(self, channels, num_heads, *, num_groups=32, impl="einsum",
                dtype=jnp.float32):
-    if impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}.")
+    _check_attention_impl(impl)
     self.norm = layers.GroupNorm(channels, num_groups, dtype=dtype)
     # ADM's 1x1 Conv1d projections of the flattened tokens, i.e. Dense layers.
     self.qkv = layers.Dense(channels, 3 * channels, dtype=dtype)
@@ -179,9 +183,7 @@ def check_config(*, image_size, channels, base_channels, channel_mult, num_res_b
   """Raises ValueError naming the first bad field; returns {width: attention heads}."""
   del resblock_updown, remat  # Any bool will do.
   layers.parse_dtype(dtype)
-  if attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(
-        f"attention_impl={attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
+  _check_attention_impl(attention_impl)
   if attention_impl == "cudnn" and dtype != "bfloat16":
     raise ValueError(f"attention_impl='cudnn' needs dtype='bfloat16'; got {dtype!r}: "
                      "cuDNN's flash attention has no float32 kernels.")
