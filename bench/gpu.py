@@ -1,21 +1,30 @@
 """Accelerator benchmark: the ImageNet 64×64 ADM train step in bfloat16, and guided sampling.
 
   python -m bench.gpu [--batch=64] [--remat] [--attention_impl=cudnn] [--sample_batch=64]
-      [--num_steps=256] [--out=DIR]
+      [--num_steps=256] [--profile_steps=3] [--out=DIR]
 
 Reports images/s, model-FLOP utilisation (FLOPs from XLA's cost analysis of the
 un-optimised step, against both the chip's spec bf16 peak and a matmul measured in the
 same run), compile times and peak memory. With an --attention_impl other than einsum it
-first checks that implementation against the einsum form on the same parameters. Each
-result is appended to DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still
-reports what it measured.
+(unless --skip_check) checks that implementation against the einsum form on the same parameters. With
+--profile_steps it traces that many train steps and reports where the device's time
+goes: per step, by kind of work and by XLA operation. Each result is appended to
+DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still reports what it
+measured, and a stage that fails is recorded as an error without stopping the others.
 """
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import json
 import os
+import re
+import shutil
+import tempfile
 import time
+import traceback
 
 from flax import nnx
 import jax
@@ -63,13 +72,22 @@ def matmul_peak(n: int = 8192) -> float:
   return 2 * n**3 / seconds
 
 
-def _flops(lowered) -> float:
-  """Model FLOPs of the un-optimised program: after compilation on GPU, convolutions are
-  cuDNN custom calls that XLA's cost analysis does not count (it reported 52 of the 632
-  GFLOP per image of the ImageNet 64 train step on an H100)."""
-  cost = lowered.cost_analysis()
+def _flops(step, *args) -> tuple[float, str]:
+  """Model FLOPs of the un-optimised program, and where they were counted.
+
+  Not the compiled one: after compilation on GPU, convolutions are cuDNN custom calls
+  that XLA's cost analysis does not count (it reported 52 of the 632 GFLOP per image of
+  the ImageNet 64 train step on an H100). A backend reached through a PJRT plugin
+  (jax-cuda13 0.11.2 on an H200) analyses no un-optimised program; then the same step is
+  lowered for the CPU, from the arguments' shapes, and counted there.
+  """
+  cost, source = step.lower(*args).cost_analysis(), "lowered"
+  if cost is None:
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+      cost, source = step.lower(*shapes).cost_analysis(), "lowered for cpu"
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return float(cost["flops"]), source
 
 
 def _shape(model_config):
@@ -130,8 +148,123 @@ def _train_step(model_config, tx):
       null_label=model_config.num_classes, ema_decay=0.9999), donate_argnums=0)
 
 
+# Kinds of device work, matched in order against "<XLA op> <kernel name>", lower case.
+# cuDNN's fused attention kernels say fmha/flash/sdpa; its convolutions fprop, dgrad and
+# wgrad (XLA names the ops cudnn-conv*); cuBLAS and Triton matmuls gemm or nvjet.
+PROFILE_KINDS = (
+    ("attention", r"fmha|flash|sdpa"),
+    ("convolution", r"cudnn-conv|convolution|fprop|dgrad|wgrad|implicit_gemm"),
+    ("matmul", r"gemm|nvjet|cublas|matmul|\bdot\b|ynn_fusion"),
+    ("copy", r"memcpy|memset|copy|transpose"),
+    ("reduction", r"reduce|reduction|scatter"),
+    ("elementwise", r"fusion|loop|convert|broadcast"),
+)
+
+
+def _kind(op: str, kernel: str) -> str:
+  text = f"{op} {kernel}".lower()
+  for kind, pattern in PROFILE_KINDS:
+    if re.search(pattern, text):
+      return kind
+  return "other"
+
+
+def profile_events(profile):
+  """(XLA op, kernel, start ns, duration ns) of each piece of work a device ran.
+
+  GPU planes hold kernels on "Stream" lines, TPU planes their ops on "XLA Ops"; with
+  neither (CPU), the host threads' events that name an XLA op.
+  """
+  devices = [p for p in profile.planes if p.name.startswith(("/device:GPU",
+                                                                 "/device:TPU"))]
+  events = []
+  for plane in devices or [p for p in profile.planes if p.name == "/host:CPU"]:
+    for line in plane.lines:
+      if plane.name.startswith("/device:GPU") and not line.name.startswith("Stream"):
+        continue
+      if plane.name.startswith("/device:TPU") and line.name != "XLA Ops":
+        continue
+      for event in line.events:
+        stats = dict(event.stats)
+        if not devices and "hlo_op" not in stats:
+          continue
+        events.append((str(stats.get("hlo_op", event.name)), event.name,
+                       event.start_ns, event.duration_ns))
+  return events
+
+
+def _ungrouped(name: str) -> str:
+  """fusion.12, fusion.7 -> fusion; input_reduce_fusion_1479 -> input_reduce_fusion."""
+  return re.sub(r"[._]\d+$", "", name)
+
+
+def summarise_profile(events, steps: int, top: int = 25) -> dict:
+  """Milliseconds per step of device work, by kind, by XLA op and by kernel.
+
+  Ops and kernels are grouped with their numeric suffix dropped, and listed with their
+  count per step. busy_ms sums the work and span_ms runs from first start to last end:
+  busy / span below 1 is time the device waited, above 1 work that overlapped (CPU
+  threads, GPU streams).
+  """
+  if not events:
+    raise ValueError("The profile holds no device work.")
+  per_step = lambda ns: ns / 1e6 / steps
+  kinds, ops, kernels = (collections.Counter() for _ in range(3))
+  counts = collections.Counter()
+  for op, kernel, _, duration in events:
+    kinds[_kind(op, kernel)] += duration
+    op, kernel = _ungrouped(op), _ungrouped(kernel)[:120]
+    ops[op] += duration
+    kernels[kernel] += duration
+    counts[op, "op"] += 1
+    counts[kernel, "kernel"] += 1
+  start = min(e[2] for e in events)
+  end = max(e[2] + e[3] for e in events)
+  return {"steps": steps, "events_per_step": len(events) / steps,
+          "busy_ms": per_step(sum(kinds.values())), "span_ms": per_step(end - start),
+          "by_kind_ms": {k: per_step(v) for k, v in kinds.most_common()},
+          "top_ops": [[op, per_step(ns), counts[op, "op"] / steps]
+                      for op, ns in ops.most_common(top)],
+          "top_kernels": [[k, per_step(ns), counts[k, "kernel"] / steps]
+                          for k, ns in kernels.most_common(top)]}
+
+
+def kernel_profile(name: str, prepared, steps: int, out_dir: str | None):
+  """Traces `steps` train steps; emits summarise_profile's record and keeps the trace
+  (DIR/train_step.xplane.pb.gz, if under 15 MB) for a closer look."""
+  compiled, state, data = prepared
+  trace_dir = tempfile.mkdtemp(prefix="bench_gpu_trace_")
+  try:
+    jax.block_until_ready(state)
+    jax.profiler.start_trace(trace_dir)
+    try:
+      for _ in range(steps):
+        state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics)
+    finally:
+      jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+    events = profile_events(profile)
+    if not events:
+      lines = {p.name: [line.name for line in p.lines] for p in profile.planes}
+      raise ValueError(f"No device work in the trace; its planes and lines: {lines}")
+    record = {"bench": "kernel_profile", "model": name,
+              **summarise_profile(events, steps)}
+    _emit(out_dir, record)
+    if out_dir:
+      kept = os.path.join(out_dir, "train_step.xplane.pb.gz")
+      with open(path, "rb") as src, gzip.open(kept, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+      if os.path.getsize(kept) > 15e6:  # More than a device session brings back.
+        os.remove(kept)
+  finally:
+    shutil.rmtree(trace_dir, ignore_errors=True)
+
+
 def train_step_bench(name: str, model_config, batch: int, peaks: dict,
                      out_dir: str | None):
+  """Emits the train_step record; returns (compiled step, state, batch) for a profile."""
   tx = train.make_optimizer(_train_config())
   init = functools.partial(train.init_state, model_config=model_config, tx=tx)
   state = jax.jit(init)(jax.random.key(0))
@@ -144,7 +277,7 @@ def train_step_bench(name: str, model_config, batch: int, peaks: dict,
   # Model FLOPs are counted on the einsum form whatever runs: a fused attention kernel is
   # a custom call that cost analysis does not see.
   einsum_step = _train_step(_with(model_config, attention_impl="einsum"), tx)
-  flops = _flops(einsum_step.lower(state, data))
+  flops, flops_source = _flops(einsum_step, state, data)
   state, _ = compiled(state, data)
   jax.block_until_ready(state)
   iters = 10
@@ -159,12 +292,13 @@ def train_step_bench(name: str, model_config, batch: int, peaks: dict,
             "attention_impl": model_config.attention_impl,
             "compile_s": round(compile_s, 1), "step_s": seconds,
             "images_per_s": batch / seconds, "flops_per_step": flops,
-            "tflops_per_s": flops / seconds / 1e12,
+            "tflops_per_s": flops / seconds / 1e12, "flops_counted": flops_source,
             "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
-  for name, peak in peaks.items():
+  for peak_name, peak in peaks.items():
     if peak:
-      record[f"mfu_vs_{name}"] = flops / seconds / peak
+      record[f"mfu_vs_{peak_name}"] = flops / seconds / peak
   _emit(out_dir, record)
+  return compiled, state, data
 
 
 def _train_config():
@@ -211,6 +345,10 @@ def main():
   parser.add_argument("--sample_batch", type=int, default=64)
   parser.add_argument("--num_steps", type=int, default=256,
                       help="Sampler steps T; 0 skips the sampling benchmark.")
+  parser.add_argument("--profile_steps", type=int, default=0,
+                      help="Train steps to trace for a kernel_profile record (0: none).")
+  parser.add_argument("--skip_check", action="store_true",
+                      help="No attention check (an earlier run on this device made it).")
   parser.add_argument("--out", default=os.environ.get("OUT"))
   args = parser.parse_args()
   device = jax.devices()[0]
@@ -223,11 +361,36 @@ def main():
   model_config = getattr(adm, args.model)()
   model_config.dtype, model_config.remat = args.dtype, args.remat
   model_config.attention_impl = args.attention_impl
-  if args.attention_impl != "einsum":
-    attention_check(args.model, model_config, 8, args.out)
-  train_step_bench(args.model, model_config, args.batch, peaks, args.out)
+
+  def stage(fn, *fn_args):
+    """Runs one benchmark: its result, or None (and an error record) if it failed."""
+    try:
+      return fn(*fn_args) or True
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      traceback.print_exc()
+      _emit(args.out, {"bench": "error", "stage": fn.__name__,
+                       "attention_impl": model_config.attention_impl,
+                       "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+      return None
+
+  checked = (args.attention_impl == "einsum" or args.skip_check
+             or stage(attention_check, args.model, model_config, 8, args.out))
+  batch = args.batch
+  step = stage(train_step_bench, args.model, model_config, batch, peaks, args.out)
+  if not step:
+    # Still worth the device time: the einsum form if the attention check failed too,
+    # else (most likely out of memory) half the batch.
+    if checked:
+      batch //= 2
+    else:
+      model_config.attention_impl = "einsum"
+    step = stage(train_step_bench, args.model, model_config, batch, peaks, args.out)
+  if step and args.profile_steps:
+    stage(kernel_profile, args.model, step, args.profile_steps, args.out)
+  del step  # The train state's memory goes back before sampling.
   if args.num_steps:
-    sampling_bench(args.model, model_config, args.sample_batch, args.num_steps, args.out)
+    stage(sampling_bench, args.model, model_config, args.sample_batch, args.num_steps,
+          args.out)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ def _accelerator_rows() -> list[str]:
                     f"{r.get('mfu_vs_spec', float('nan')):.1%} of spec bf16 peak | "
                     f"compile {r['compile_s']:.0f} s, peak memory "
                     f"{r['peak_memory_gib']:.1f} GiB | `{os.path.basename(path)}` |")
+      elif r.get("bench") == "kernel_profile":
+        shares = ", ".join(f"{kind} {ms / r['busy_ms']:.0%}"
+                           for kind, ms in r["by_kind_ms"].items())
+        rows.append(f"| {device.get('kind')} | {r['model']} train step, device time by "
+                    f"kind ({r['steps']} steps traced) | {r['busy_ms']:.0f} ms/step "
+                    f"busy in {r['span_ms']:.0f} | {shares} | | "
+                    f"`{os.path.basename(path)}` |")
       elif r.get("bench") == "guided_sampling":
         rows.append(f"| {device.get('kind')} | guided sampling, T = {r['num_steps']}, "
                     f"N = {r['n']}{variant} | {r['images_per_s']:.2f} img/s | "

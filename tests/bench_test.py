@@ -1,5 +1,6 @@
 """The benchmark command runs end to end at a tiny size and its numbers hang together."""
 
+import gzip
 import math
 
 from bench import run as bench_run
@@ -51,13 +52,14 @@ def test_gpu_script_runs_on_cpu_at_a_tiny_size(tmp_path, monkeypatch):
   from bench import gpu  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, "argv", [
       "gpu", "--model=digits", "--dtype=float32", "--batch=4", "--attention_impl=xla",
-      "--sample_batch=2", "--num_steps=2", f"--out={tmp_path}"])
+      "--sample_batch=2", "--num_steps=2", "--profile_steps=2", f"--out={tmp_path}"])
   gpu.main()
   records = {}
   for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines():
     record = json.loads(line)
     records[record["bench"]] = record
-  assert set(records) == {"device", "attention_check", "train_step", "guided_sampling"}
+  assert set(records) == {"device", "attention_check", "train_step", "kernel_profile",
+                          "guided_sampling"}
   check = records["attention_check"]
   # Same float32 network, two attention code paths: equal to float32 rounding.
   assert check["rel_diff_einsum_vs_float32"] == 0.0
@@ -67,8 +69,63 @@ def test_gpu_script_runs_on_cpu_at_a_tiny_size(tmp_path, monkeypatch):
   assert math.isclose(step["images_per_s"], 4 / step["step_s"])
   # The digits U-Net's train step is ~0.1 GFLOP per image (bench.run's table).
   assert 0.01e9 < step["flops_per_step"] / 4 < 1e9, step
+  assert step["flops_counted"] == "lowered"
+  profile = records["kernel_profile"]
+  assert profile["steps"] == 2 and profile["events_per_step"] > 10
+  assert math.isclose(sum(profile["by_kind_ms"].values()), profile["busy_ms"])
+  assert profile["by_kind_ms"]["matmul"] > 0  # YNNPACK's dots and convolutions.
+  # The kept trace reads back with the same work in it.
+  trace = gpu.jax.profiler.ProfileData.from_serialized_xspace(
+      gzip.decompress((tmp_path / "train_step.xplane.pb.gz").read_bytes()))
+  assert math.isclose(sum(e[3] for e in gpu.profile_events(trace)) / 2e6,
+                      profile["busy_ms"])
   assert math.isclose(records["guided_sampling"]["network_images_per_s"],
                       2 * 2 * 2 / records["guided_sampling"]["seconds"])
+
+
+def test_profile_summary_adds_up_by_kind_op_and_kernel():
+  from bench import gpu  # pylint: disable=g-import-not-at-top
+  # (XLA op, kernel, start ns, duration ns): two steps' work, kernel names as an H200
+  # trace of the ImageNet 64 step gave them.
+  conv = "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"
+  events = [
+      ("cudnn-conv-bw-filter.3", conv, 0, 4_000_000),
+      ("command_buffer_12", "input_reduce_fusion_1479", 4_000_000, 1_000_000),
+      ("command_buffer_12", "loop_convert_fusion_7", 6_000_000, 500_000),
+      ("custom-call.9", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16",
+       7_000_000, 2_000_000),
+      ("cudnn-conv-bw-filter.8", conv, 10_000_000, 6_000_000),
+      ("command_buffer_40", "input_reduce_fusion_2", 16_000_000, 3_000_000),
+      ("cublas-gemm.1", "nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT", 19_000_000,
+       1_000_000),
+  ]
+  got = gpu.summarise_profile(events, steps=2, top=2)
+  assert got["busy_ms"] == 17.5 / 2 and got["span_ms"] == 20 / 2
+  assert got["events_per_step"] == 3.5
+  # "convert" is no convolution; nvjet is cuBLAS's matmul kernel family.
+  assert got["by_kind_ms"] == {"convolution": 5.0, "reduction": 2.0, "attention": 1.0,
+                               "elementwise": 0.25, "matmul": 0.5}
+  assert got["top_ops"] == [["cudnn-conv-bw-filter", 5.0, 1.0],
+                            ["command_buffer", 2.25, 1.5]]
+  assert got["top_kernels"] == [[conv, 5.0, 1.0], ["input_reduce_fusion", 2.0, 1.0]]
+
+
+def test_flops_are_counted_on_cpu_where_the_backend_cannot(monkeypatch):
+  """A PJRT plugin backend answers None to Lowered.cost_analysis (jax-cuda13 0.11.2);
+  _flops then lowers the same step for the CPU and must count the same FLOPs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bench import gpu  # pylint: disable=g-import-not-at-top
+  step = jax.jit(lambda a, b: jnp.tanh(a @ b["w"]).sum())
+  args = (jnp.ones((16, 32)), {"w": jnp.ones((32, 8))})
+  want = gpu._flops(step, *args)
+  assert want[1] == "lowered" and want[0] >= 2 * 16 * 32 * 8
+  analyse = jax.stages.Lowered.cost_analysis
+  # Unavailable unless the lowering happens under jax.default_device(cpu), as on a GPU.
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis",
+                      lambda self: analyse(self) if jax.config.jax_default_device
+                      else None)
+  assert gpu._flops(step, *args) == (want[0], "lowered for cpu")
 
 
 def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
@@ -84,11 +141,15 @@ def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
        "mfu_vs_spec": 0.45, "compile_s": 100.0, "peak_memory_gib": 40.0},
       {"bench": "train_step", "model": "imagenet64", "dtype": "bfloat16", "batch": 64,
        "remat": False, "images_per_s": 350.0, "mfu_vs_spec": 0.223, "compile_s": 156.0,
-       "peak_memory_gib": 35.2}]  # A record from before attention_impl existed.
+       "peak_memory_gib": 35.2},  # A record from before attention_impl existed.
+      {"bench": "kernel_profile", "model": "imagenet64", "steps": 3, "busy_ms": 400.0,
+       "span_ms": 410.0, "by_kind_ms": {"convolution": 300.0, "reduction": 100.0}},
+      {"bench": "error", "stage": "sampling_bench", "error": "OOM"}]
   (tmp_path / "results" / "h100.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records))
   monkeypatch.setattr(bench_run, "HERE", str(tmp_path))
-  check, cudnn, plain = bench_run._accelerator_rows()
+  check, cudnn, plain, profile = bench_run._accelerator_rows()
   assert "cudnn attention against einsum" in check and "3.10e-03" in check
   assert "batch 128, remat, cudnn attention | 700 img/s | 45.0% of spec" in cudnn
   assert "batch 64 | 350 img/s | 22.3% of spec" in plain
+  assert "400 ms/step busy in 410 | convolution 75%, reduction 25% |" in profile
