@@ -6,11 +6,12 @@
 Reports images/s, model-FLOP utilisation (FLOPs from XLA's cost analysis of the
 un-optimised step, against both the chip's spec bf16 peak and a matmul measured in the
 same run), compile times and peak memory. With an --attention_impl other than einsum it
-(unless --skip_check) checks that implementation against the einsum form on the same parameters. With
---profile_steps it traces that many train steps and reports where the device's time
-goes: per step, by kind of work and by XLA operation. Each result is appended to
-DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still reports what it
-measured, and a stage that fails is recorded as an error without stopping the others.
+checks that implementation against the einsum form on the same parameters (unless
+--skip_check). With --profile_steps it traces that many train steps and reports where
+the device's time goes: per step, by kind of work, by XLA operation and by kernel. Each
+result is appended to DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still
+reports what it measured, and a stage that fails is recorded as an error without
+stopping the others.
 """
 
 import argparse
