@@ -153,3 +153,54 @@ def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
   assert "batch 128, remat, cudnn attention | 700 img/s | 45.0% of spec" in cudnn
   assert "batch 64 | 350 img/s | 22.3% of spec" in plain
   assert "400 ms/step busy in 410 | convolution 75%, reduction 25% |" in profile
+
+
+def test_group_norm_variants_equal_a_float64_reference():
+  """bench.norm_bench's four forms of GroupNorm + scale-shift + SiLU, values and all
+  five gradients, against the equations in float64 (autodiff of a numpy-style form)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bench import norm_bench  # pylint: disable=g-import-not-at-top
+  shape = (3, 4, 5, 64)  # 32 groups of 2 channels, 20 positions.
+  args = norm_bench.inputs(shape, jnp.float32, seed=1)
+  # Variances ~0.03, so that ε = 1e-5 shows in the result.
+  args = (0.1 * args[0], *args[1:])
+  dh = args[-1]
+
+  def reference(x, gamma, beta, scale, shift):
+    n, c = x.shape[0], x.shape[-1]
+    g = x.reshape(n, -1, 32, c // 32)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    xhat = ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
+    y = (xhat * gamma + beta) * (1 + scale[:, None, None]) + shift[:, None, None]
+    return y * (1 / (1 + jnp.exp(-y)))
+
+  with jax.enable_x64(True):
+    wide = [jnp.asarray(np.asarray(a), jnp.float64) for a in args]
+    want_h, vjp = jax.vjp(reference, *wide[:5])
+    want = [np.asarray(want_h), *map(np.asarray, vjp(wide[5]))]
+  for variant in norm_bench.VARIANTS:
+    h, grads = norm_bench.forward_backward(variant, jnp.float32)(*args[:5], dh)
+    for name, got, ref in zip(("h", "x", "gamma", "beta", "scale", "shift"),
+                              (h, *grads), want):
+      err = np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(np.abs(ref))
+      assert err < 2e-5, (variant, name, err)
+
+
+def test_norm_bench_times_every_variant_against_a_copy(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from bench import norm_bench  # pylint: disable=g-import-not-at-top
+  records = norm_bench.run(2, "float32", shapes=((8, 8, 64), (4, 4, 64)), iters=2,
+                           out_dir=str(tmp_path))
+  kept = [json.loads(line) for line in (tmp_path / "norm_bench.jsonl").open()]
+  assert kept == records and records[0]["bench"] == "copy"
+  timed = records[1:]
+  assert [r["variant"] for r in timed] == list(norm_bench.VARIANTS) * 2
+  for r in timed:
+    # 5 passes over x's bytes (2·8·8·64 or 2·4·4·64 float32 values) in r["ms"].
+    nbytes = 5 * 4 * 2 * r["shape"][1] * r["shape"][2] * 64
+    assert math.isclose(r["least_traffic_gb_per_s"], nbytes / r["ms"] / 1e6)
+    assert math.isclose(r["of_copy"],
+                        r["least_traffic_gb_per_s"] / records[0]["gb_per_s"])
