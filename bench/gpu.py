@@ -150,10 +150,11 @@ def _train_step(model_config, tx):
 
 
 # Kinds of device work, matched in order against "<XLA op> <kernel name>", lower case.
-# cuDNN's fused attention kernels say fmha/flash/sdpa; its convolutions fprop, dgrad and
-# wgrad (XLA names the ops cudnn-conv*); cuBLAS and Triton matmuls gemm or nvjet.
+# cuDNN's fused attention kernels say fmha/flash/sdpa (its backward's dO·O helper,
+# dot_do_o); its convolutions fprop, dgrad and wgrad (XLA names the ops cudnn-conv*);
+# cuBLAS and Triton matmuls gemm or nvjet.
 PROFILE_KINDS = (
-    ("attention", r"fmha|flash|sdpa"),
+    ("attention", r"fmha|flash|sdpa|dot_do_o"),
     ("convolution", r"cudnn-conv|convolution|fprop|dgrad|wgrad|implicit_gemm"),
     ("matmul", r"gemm|nvjet|cublas|matmul|\bdot\b|ynn_fusion"),
     ("copy", r"memcpy|memset|copy|transpose"),
