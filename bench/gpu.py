@@ -364,25 +364,31 @@ def main():
   model_config.dtype, model_config.remat = args.dtype, args.remat
   model_config.attention_impl = args.attention_impl
 
+  errors = []
+
   def stage(fn, *fn_args):
     """Runs one benchmark: its result, or None (and an error record) if it failed."""
     try:
       return fn(*fn_args) or True
     except Exception as e:  # pylint: disable=broad-exception-caught
       traceback.print_exc()
+      errors.append(f"{type(e).__name__}: {str(e)[:2000]}")
       _emit(args.out, {"bench": "error", "stage": fn.__name__,
                        "attention_impl": model_config.attention_impl,
-                       "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                       "error": errors[-1]})
       return None
 
   checked = (args.attention_impl == "einsum" or args.skip_check
              or stage(attention_check, args.model, model_config, 8, args.out))
   batch = args.batch
   step = stage(train_step_bench, args.model, model_config, batch, peaks, args.out)
-  if not step:
-    # Still worth the device time: the einsum form if the attention check failed too,
-    # else (most likely out of memory) half the batch.
-    if checked:
+  # Still worth the device time after a failure: half the batch if it ran out of
+  # memory, the einsum form if the attention check failed too. Any other error would
+  # only repeat.
+  out_of_memory = errors and re.search(r"RESOURCE_EXHAUSTED|out of memory", errors[-1],
+                                       re.IGNORECASE)
+  if not step and (out_of_memory or not checked):
+    if out_of_memory:
       batch //= 2
     else:
       model_config.attention_impl = "einsum"

@@ -3,6 +3,8 @@
 import gzip
 import math
 
+import pytest
+
 from bench import run as bench_run
 
 
@@ -81,6 +83,34 @@ def test_gpu_script_runs_on_cpu_at_a_tiny_size(tmp_path, monkeypatch):
                       profile["busy_ms"])
   assert math.isclose(records["guided_sampling"]["network_images_per_s"],
                       2 * 2 * 2 / records["guided_sampling"]["seconds"])
+
+
+@pytest.mark.parametrize("error, batches", [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate", [64, 32]),
+    ("TypeError: 'NoneType' object is not subscriptable", [64]),
+])
+def test_gpu_script_retries_a_train_step_at_half_batch_only_when_out_of_memory(
+    tmp_path, monkeypatch, error, batches):
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from bench import gpu  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def train_step_bench(name, model_config, batch, peaks, out_dir):
+    del name, model_config, peaks, out_dir
+    calls.append(batch)
+    if len(calls) == 1:
+      raise RuntimeError(error)
+
+  monkeypatch.setattr(gpu, "train_step_bench", train_step_bench)
+  monkeypatch.setattr(gpu, "matmul_peak", lambda n: 1e12)
+  monkeypatch.setattr(sys, "argv", ["gpu", "--model=digits", "--batch=64",
+                                    "--num_steps=0", f"--out={tmp_path}"])
+  gpu.main()
+  assert calls == batches
+  records = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").open()]
+  assert [r["bench"] for r in records] == ["device", "error"]
+  assert records[1]["stage"] == "train_step_bench" and error in records[1]["error"]
 
 
 def test_profile_summary_adds_up_by_kind_op_and_kernel():
