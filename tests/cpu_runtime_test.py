@@ -25,10 +25,12 @@ w = jnp.asarray(rng.standard_normal((4096, 8)), jnp.float32)
 f = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x) @ w) + jnp.sum(w.T @ jnp.tanh(x)))
 compiled = f.lower(x, w).compile()
 values = [float(compiled(x, w)) for _ in range(2)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-values += [float(compiled(x, w)) for _ in range(5)]
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"tuned": tuned, "faults_per_call": faults, "values": values,
+faults = []
+for _ in range(7):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  values.append(float(compiled(x, w)))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": tuned, "faults_per_call": sorted(faults)[3], "values": values,
                   "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
                   "async": jax.config.read("jax_cpu_enable_async_dispatch")}))
 """
@@ -52,7 +54,9 @@ def test_scratch_memory_is_not_faulted_in_again():
   assert not default["tuned"] and default["async"]
   pages = tuned["temp_bytes"] / 4096
   assert tuned["temp_bytes"] >= 64 << 20, tuned
-  # Tuned: the heap hands back the same, already faulted-in pages at each call.
+  # Tuned: the heap hands back the same, already faulted-in pages at each call. The
+  # median of 7 calls: now and then (about one call in 40 here) a small allocation lands
+  # in the freed block, the heap grows once and that one call faults in a fresh 64 MiB.
   assert tuned["faults_per_call"] < 0.02 * pages, (tuned, pages)
   # XLA's defaults: every call maps its scratch afresh and faults in each 4 KiB page
   # (unless the kernel backs every mapping with 2 MiB pages).
