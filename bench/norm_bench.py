@@ -43,6 +43,14 @@ def _group_sums(v, per_group):
   return jnp.repeat(v.reshape(n, c // per_group, per_group).sum(-1), per_group, axis=1)
 
 
+def _flat_mean(x):
+  """x as float32 [N, P, C], the count of values per group, and [N, C] group means."""
+  n, c = x.shape[0], x.shape[-1]
+  flat = x.astype(jnp.float32).reshape(n, -1, c)
+  count = flat.shape[1] * (c // GROUPS)
+  return flat, count, _group_sums(flat.sum(axis=1), c // GROUPS) / count
+
+
 def channels(x, gamma, beta, scale, shift, dtype):
   norm = layers.GroupNorm(x.shape[-1], GROUPS, epsilon=EPSILON, dtype=dtype)
   norm.scale[...], norm.bias[...] = gamma, beta
@@ -64,10 +72,8 @@ def groups(x, gamma, beta, scale, shift, dtype):
 
 
 def one_pass(x, gamma, beta, scale, shift, dtype):
-  n, c = x.shape[0], x.shape[-1]
-  flat = x.astype(jnp.float32).reshape(n, -1, c)
-  count = flat.shape[1] * (c // GROUPS)
-  mean = _group_sums(flat.sum(axis=1), c // GROUPS) / count
+  c = x.shape[-1]
+  flat, count, mean = _flat_mean(x)
   mean_sq = _group_sums(jnp.square(flat).sum(axis=1), c // GROUPS) / count
   rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + EPSILON)
   xhat = (flat - mean[:, None]) * rstd[:, None]
@@ -80,10 +86,8 @@ def custom_vjp(x, gamma, beta, scale, shift, dtype):
 
 
 def _custom_fwd(x, gamma, beta, scale, shift, dtype):
-  n, c = x.shape[0], x.shape[-1]
-  flat = x.astype(jnp.float32).reshape(n, -1, c)
-  count = flat.shape[1] * (c // GROUPS)
-  mean = _group_sums(flat.sum(axis=1), c // GROUPS) / count
+  c = x.shape[-1]
+  flat, count, mean = _flat_mean(x)
   var = _group_sums(jnp.square(flat - mean[:, None]).sum(axis=1), c // GROUPS) / count
   rstd = jax.lax.rsqrt(var + EPSILON)
   a = rstd * gamma * (1 + scale)
