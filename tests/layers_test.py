@@ -91,16 +91,23 @@ def test_group_norm_float32_statistics_in_bfloat16():
                              _np_group_norm(x.astype(np.float64), 1.0, 0.0, 2), atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_dropout_rate_and_inverted_scale(rate, backend, monkeypatch):
-  """On CPU the mask's bits come from counter_hash_bits, elsewhere from jax.random.bits
-  (reached here by telling dropout the backend is a GPU)."""
+  """On TPU the mask's bits come from jax.random.bits, elsewhere from counter_hash_bits
+  (each backend reached here by telling dropout that it is the default one)."""
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   shape = (257, 129)  # An odd element count: the last 32-bit word is half used.
   key = jax.random.wrap_key_data(jnp.arange(4, dtype=jnp.uint32), impl="rbg")
   out = np.asarray(layers.dropout(jnp.ones(shape, jnp.float32), rate, key), np.float64)
   threshold = round(rate * 2**16)
+  # The mask is the promised generator's: its first 16-bit half-words against the
+  # threshold (little-endian halves of each word), written out here in numpy.
+  num_words = (out.size + 1) // 2
+  words = np.asarray(layers.counter_hash_bits(key, num_words) if backend != "tpu"
+                     else jax.random.bits(key, (num_words,), jnp.uint32), np.uint32)
+  halves = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:out.size]
+  np.testing.assert_array_equal(out != 0, (halves >= threshold).reshape(shape))
   p_drop = threshold / 2**16
   assert abs(p_drop - rate) <= 2**-17
   # Kept elements carry exactly 1 / P(keep); dropped ones are 0.
