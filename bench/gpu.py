@@ -229,9 +229,9 @@ def summarise_profile(events, steps: int, top: int = 25) -> dict:
                           for k, ns in kernels.most_common(top)]}
 
 
-def kernel_profile(name: str, prepared, steps: int, out_dir: str | None):
-  """Traces `steps` train steps; emits summarise_profile's record and keeps the trace
-  (DIR/train_step.xplane.pb.gz, if under 15 MB) for a closer look."""
+def trace_events(prepared, steps: int, keep: str | None = None):
+  """Runs `steps` train steps under jax.profiler; returns profile_events of the trace
+  and the state after them. keep: a path for the gzipped trace, if under 15 MB."""
   compiled, state, data = prepared
   trace_dir = tempfile.mkdtemp(prefix="bench_gpu_trace_")
   try:
@@ -249,17 +249,23 @@ def kernel_profile(name: str, prepared, steps: int, out_dir: str | None):
     if not events:
       lines = {p.name: [line.name for line in p.lines] for p in profile.planes}
       raise ValueError(f"No device work in the trace; its planes and lines: {lines}")
-    record = {"bench": "kernel_profile", "model": name,
-              **summarise_profile(events, steps)}
-    _emit(out_dir, record)
-    if out_dir:
-      kept = os.path.join(out_dir, "train_step.xplane.pb.gz")
-      with open(path, "rb") as src, gzip.open(kept, "wb") as dst:
+    if keep:
+      with open(path, "rb") as src, gzip.open(keep, "wb") as dst:
         shutil.copyfileobj(src, dst)
-      if os.path.getsize(kept) > 15e6:  # More than a device session brings back.
-        os.remove(kept)
+      if os.path.getsize(keep) > 15e6:  # More than a device session brings back.
+        os.remove(keep)
+    return events, state
   finally:
     shutil.rmtree(trace_dir, ignore_errors=True)
+
+
+def kernel_profile(name: str, prepared, steps: int, out_dir: str | None):
+  """Traces `steps` train steps; emits summarise_profile's record and keeps the trace
+  (DIR/train_step.xplane.pb.gz, if under 15 MB) for a closer look."""
+  keep = os.path.join(out_dir, "train_step.xplane.pb.gz") if out_dir else None
+  events, _ = trace_events(prepared, steps, keep)
+  _emit(out_dir, {"bench": "kernel_profile", "model": name,
+                  **summarise_profile(events, steps)})
 
 
 def train_step_bench(name: str, model_config, batch: int, peaks: dict,

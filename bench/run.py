@@ -115,7 +115,23 @@ def _accelerator_rows() -> list[str]:
                     f"{r.get('mfu_vs_spec', float('nan')):.1%} of spec bf16 peak | "
                     f"compile {r['compile_s']:.0f} s, peak memory "
                     f"{r['peak_memory_gib']:.1f} GiB | `{os.path.basename(path)}` |")
-      elif r.get("bench") == "kernel_profile":
+      elif r.get("bench") == "train_step_variant":
+        swaps = ", ".join(f"{k}={v}" for k, v in r["swaps"].items()) or "the library's then"
+        speedup = r.get("speedup_vs_base", r["speedup_vs_first"])
+        rows.append(f"| {device.get('kind')} | {r['model']} train step, {r['dtype']}, batch "
+                    f"{r['batch']}{variant}: `{r['variant']}` ({swaps}) | "
+                    f"{r['images_per_s']:.0f} img/s | "
+                    f"{r.get('mfu_vs_spec', float('nan')):.1%} of spec bf16 peak | "
+                    f"×{speedup:.3f} against `base`; compile {r['compile_s']:.0f} s | "
+                    f"`{os.path.basename(path)}` |")
+      elif r.get("bench") == "fusion_traffic":
+        at_copy = (f"; {r['fused_ms_at_copy_rate']:.0f} ms at a copy's rate"
+                   if "fused_ms_at_copy_rate" in r else "")
+        rows.append(f"| {device.get('kind')} | {r['model']} train step, bytes moved by the "
+                    f"fusions (`{r['variant']}`) | {r['fused_gb']:.0f} GB/step in "
+                    f"{r['fused_ms']:.0f} ms | {r['fused_gb_per_s']:.0f} GB/s{at_copy} | | "
+                    f"`{os.path.basename(path)}` |")
+      elif r.get("bench") == "kernel_profile" and r.get("variant", "base") == "base":
         shares = ", ".join(f"{kind} {ms / r['busy_ms']:.0%}"
                            for kind, ms in r["by_kind_ms"].items())
         rows.append(f"| {device.get('kind')} | {r['model']} train step, device time by "

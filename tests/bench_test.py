@@ -176,15 +176,27 @@ def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
        "peak_memory_gib": 35.2},  # A record from before attention_impl existed.
       {"bench": "kernel_profile", "model": "imagenet64", "steps": 3, "busy_ms": 400.0,
        "span_ms": 410.0, "by_kind_ms": {"convolution": 300.0, "reduction": 100.0}},
-      {"bench": "error", "stage": "sampling_bench", "error": "OOM"}]
+      {"bench": "error", "stage": "sampling_bench", "error": "OOM"},
+      {"bench": "train_step_variant", "model": "imagenet64", "dtype": "bfloat16",
+       "batch": 256, "attention_impl": "cudnn", "variant": "fast",
+       "swaps": {"norm": "one_pass"}, "images_per_s": 620.0, "mfu_vs_spec": 0.397,
+       "speedup_vs_first": 1.0, "speedup_vs_base": 1.012, "compile_s": 65.0},
+      {"bench": "kernel_profile", "model": "imagenet64", "variant": "fast", "steps": 3,
+       "busy_ms": 1.0, "span_ms": 1.0, "by_kind_ms": {"reduction": 1.0}},
+      {"bench": "fusion_traffic", "model": "imagenet64", "variant": "base",
+       "fused_gb": 368.0, "fused_ms": 131.0, "fused_gb_per_s": 2812.0}]
   (tmp_path / "results" / "h100.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records))
   monkeypatch.setattr(bench_run, "HERE", str(tmp_path))
-  check, cudnn, plain, profile = bench_run._accelerator_rows()
+  # A variant's kernel profile is left out: only the base's is shown.
+  check, cudnn, plain, profile, variant, traffic = bench_run._accelerator_rows()
   assert "cudnn attention against einsum" in check and "3.10e-03" in check
   assert "batch 128, remat, cudnn attention | 700 img/s | 45.0% of spec" in cudnn
   assert "batch 64 | 350 img/s | 22.3% of spec" in plain
   assert "400 ms/step busy in 410 | convolution 75%, reduction 25% |" in profile
+  assert ("cudnn attention: `fast` (norm=one_pass) | 620 img/s | 39.7% of spec bf16 "
+          "peak | ×1.012 against `base`" in variant)
+  assert "(`base`) | 368 GB/step in 131 ms | 2812 GB/s |" in traffic
 
 
 def test_group_norm_variants_equal_a_float64_reference():
@@ -236,3 +248,90 @@ def test_norm_bench_times_every_variant_against_a_copy(tmp_path):
     assert math.isclose(r["least_traffic_gb_per_s"], nbytes / r["ms"] / 1e6)
     assert math.isclose(r["of_copy"],
                         r["least_traffic_gb_per_s"] / records[0]["gb_per_s"])
+
+
+_HLO = """\
+%fused_add (p0: f32[4,8], p1: bf16[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+}
+
+ENTRY %main (x.1: f32[4,8], y.1: bf16[4,8]) -> (f32[4], f32[4,8]) {
+  %x.1 = f32[4,8]{1,0} parameter(0), metadata={op_name="x"}
+  %y.1 = bf16[4,8]{1,0} parameter(1), metadata={op_name="y"}
+  %loop_add_fusion.3 = f32[4,8]{1,0} fusion(%x.1, %y.1), kind=kLoop, calls=%fused_add, \
+metadata={op_name="jit(step)/transpose(jvp(jit(silu)))/add_any" \
+deduplicated_name="loop_add_fusion.3"}
+  %input_reduce_fusion.9 = (f32[4]{0}, pred[4,8]{1,0}) fusion(%loop_add_fusion.3), \
+kind=kInput, calls=%fused_reduce, metadata={op_name="jit(step)/jvp()/reduce_sum" \
+deduplicated_name="input_reduce_fusion.2"}
+  %cudnn-conv.1 = (f32[4,8]{1,0}, u8[0]{0}) custom-call(%x.1), custom_call_target="conv"
+  ROOT %tuple = (f32[4], f32[4,8]) tuple(%input_reduce_fusion.9, %loop_add_fusion.3)
+}
+"""
+
+
+def test_fusion_traffic_charges_each_fusion_its_operands_and_results():
+  """Bytes from the shapes by hand: the add reads 128 + 64 and writes 128 bytes; the
+  reduction reads 128 and writes 16 + 32 (a tuple). A kernel is found by its own name,
+  by the fusion whose kernel it reuses (deduplicated_name), or by its XLA op."""
+  from bench import fusion_traffic  # pylint: disable=g-import-not-at-top
+  assert fusion_traffic.type_bytes("(f32[4]{0}, pred[4,8]{1,0})") == 48
+  kernels = [["loop_add_fusion_3", "command_buffer_1", 0.002, 2.0],
+             ["input_reduce_fusion_2", "command_buffer_1", 0.001, 1.0],
+             ["sm90_xmma_fprop", "input_reduce_fusion.9", 0.001, 1.0],
+             ["sm90_xmma_fprop", "cudnn-conv.1", 0.5, 1.0]]
+  got = fusion_traffic.traffic(_HLO, kernels, copy_gbps=1.0)
+  want_bytes = 2 * (128 + 64 + 128) + 2 * (128 + 16 + 32)
+  assert math.isclose(got["fused_gb"], want_bytes / 1e9)
+  assert math.isclose(got["fused_ms"], 0.004) and math.isclose(got["other_ms"], 0.5)
+  assert math.isclose(got["fused_gb_per_s"], want_bytes / 1e9 / 0.004e-3)
+  assert math.isclose(got["fused_ms_at_copy_rate"], want_bytes / 1e9 * 1e3)
+  ops = {key: gb for key, _, gb, _ in got["by_jax_op"]}
+  assert ops == pytest.approx({"transpose(jvp(silu))/add_any": 640e-9,
+                               "jvp()/reduce_sum": 352e-9})
+
+
+def test_fusion_traffic_of_a_compiled_program_matches_its_shapes():
+  """A profiled CPU program: its one fusion reads two f32[256,1024] arrays and writes
+  one, 3 MiB a call; the copy XLA adds for the returned input is charged too."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bench import fusion_traffic, gpu, gpu_ab  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((256, 1024), jnp.float32)
+  compiled = jax.jit(lambda x, y: (x, jnp.tanh(x) * y + 1)).lower(x, x).compile()
+  events, _ = gpu.trace_events((compiled, x, x), 3)
+  kernels = gpu_ab._kernel_table(events, 3)  # pylint: disable=protected-access
+  got = fusion_traffic.traffic(compiled.as_text(), kernels)
+  assert got["by_jax_op"], kernels
+  assert math.isclose(got["fused_gb"], (3 + 2) * x.nbytes / 1e9), got
+  assert math.isclose(got["fused_ms"] + got["other_ms"],
+                      sum(ms for _, _, ms, _ in kernels))
+
+
+def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
+  """bench.gpu_ab end to end on the digits U-Net: the library's step and one with
+  GroupNorm's written-out backward and XLA's dropout bits swapped in."""
+  import json  # pylint: disable=g-import-not-at-top
+  from bench import gpu_ab, norm_bench  # pylint: disable=g-import-not-at-top
+  from cfg_guidance.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(norm_bench, "GROUPS", 8)  # The digits U-Net's groups.
+  monkeypatch.setitem(gpu_ab.VARIANTS, "both", {"norm": "custom_vjp",
+                                                "dropout_words": "rbg"})
+  call, words = layers.GroupNorm.__call__, layers.dropout_words
+  gpu_ab.main(["--model=digits", "--dtype=float32", "--batch=4",
+               "--variants=base,both", "--steps=1",
+               "--profile_steps=1", "--hlo=base", f"--out={tmp_path}"])
+  # The swaps are undone.
+  assert (layers.GroupNorm.__call__, layers.dropout_words) == (call, words)
+  records = [json.loads(line) for line in (tmp_path / "gpu_ab.jsonl").open()]
+  steps = [r for r in records if r["bench"] == "train_step_variant"]
+  assert [r["variant"] for r in steps] == ["base", "both"]
+  for r in steps:
+    assert math.isclose(r["speedup_vs_first"], steps[0]["step_s"] / r["step_s"])
+    assert math.isclose(r["images_per_s"], 4 / r["step_s"])
+  traffic = [r for r in records if r["bench"] == "fusion_traffic"]
+  assert len(traffic) == 2 and all(r["fused_gb"] > 0 for r in traffic)
+  assert records[-1]["bench"] == "flops" and records[-1]["flops_per_step"] > 0
+  assert (tmp_path / "hlo_base.txt.gz").exists()
+  kernels = [json.loads(line) for line in (tmp_path / "kernels.jsonl").open()]
+  assert [k["variant"] for k in kernels] == ["base", "both"]
