@@ -1,6 +1,6 @@
 """Memory traffic of a compiled step's fusions, against the time the profile gave them.
 
-  python -m bench.fusion_traffic HLO.txt.gz KERNELS.jsonl [--variant=base]
+  python -m bench.fusion_traffic HLO.txt[.gz] KERNELS.jsonl[.gz] [--variant=base]
       [--copy_gbps=3133]
 
 HLO is a compiled program's optimised HLO text (`Compiled.as_text()`, as bench.gpu_ab
@@ -125,10 +125,9 @@ def main(argv=None):
   parser.add_argument("--copy_gbps", type=float, default=None,
                       help="A copy's rate on the device (bench.norm_bench measures it).")
   args = parser.parse_args(argv)
-  opener = gzip.open if args.hlo.endswith(".gz") else open
-  with opener(args.hlo, "rt") as f:
+  with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
     hlo_text = f.read()
-  with open(args.kernels) as f:
+  with (gzip.open if args.kernels.endswith(".gz") else open)(args.kernels, "rt") as f:
     tables = {r["variant"]: r["kernels"] for r in map(json.loads, f)}
   if args.variant not in tables:
     raise ValueError(f"--variant={args.variant!r}: {args.kernels} has {sorted(tables)}.")
