@@ -133,7 +133,8 @@ def main(argv=None):
     raise ValueError(f"--variant={args.variant!r}: {args.kernels} has {sorted(tables)}.")
   record = traffic(hlo_text, tables[args.variant], args.copy_gbps)
   print(f"fused work: {record['fused_ms']:.1f} ms, {record['fused_gb']:.1f} GB per step "
-        f"({record['fused_gb_per_s']:.0f} GB/s); other kernels {record['other_ms']:.1f} ms")
+        f"({record['fused_gb_per_s']:.0f} GB/s); "
+        f"other kernels {record['other_ms']:.1f} ms")
   if args.copy_gbps:
     print(f"the same bytes at the copy rate ({args.copy_gbps:.0f} GB/s): "
           f"{record['fused_ms_at_copy_rate']:.1f} ms")

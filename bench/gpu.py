@@ -29,6 +29,7 @@ import traceback
 
 from flax import nnx
 import jax
+from jax.experimental.layout import Format, Layout
 import jax.numpy as jnp
 import numpy as np
 
@@ -140,13 +141,20 @@ def attention_check(name: str, model_config, n: int, out_dir: str | None):
                   "rel_diff_vs_float32": rel(got, exact)})
 
 
-def _train_step(model_config, tx):
+def _train_step(model_config, tx, auto_layout=False):
+  """The jitted train step (state donated). auto_layout: the compiler picks the train
+  state's memory layout, in and out (jax's Layout.AUTO), instead of row-major."""
+  layouts = {}
+  if auto_layout:
+    auto = Format(Layout.AUTO)
+    layouts = dict(in_shardings=(auto, None), out_shardings=(auto, None))
   return jax.jit(functools.partial(
       train.train_step, graphdef=train.model_graphdef(model_config), tx=tx,
       rng=jax.random.key(1),
       diffusion_config=dict(logsnr_min=-20., logsnr_max=20., p_uncond=0.1,
                             parameterization="eps"),
-      null_label=model_config.num_classes, ema_decay=0.9999), donate_argnums=0)
+      null_label=model_config.num_classes, ema_decay=0.9999), donate_argnums=0,
+                 **layouts)
 
 
 # Kinds of device work, matched in order against "<XLA op> <kernel name>", lower case.

@@ -12,11 +12,14 @@ median of three timed runs) and its speed against the first; then a kernel profi
 kind of work; the per-kernel table goes to DIR/kernels.jsonl), the bytes its fusions
 move and how fast (bench.fusion_traffic) and, for those named in --hlo, the optimised
 HLO (DIR/hlo_<variant>.txt.gz), whose fusion names are the kernel names of the
-profile. The compiles share JAX's persistent cache, and with it XLA's autotuning cache,
-so later variants reuse the algorithms the first chose for the same convolutions (on an
-H200 the first ImageNet 64 step compiled in 162 s, the next ones in 52-76 s). A variant is not started once the last compile
-time says it would end past --deadline_s; the model FLOPs are counted last, if time
-is left. Every result is appended to DIR/gpu_ab.jsonl as soon as it exists.
+profile.
+
+On a GPU the compiles share a JAX persistent cache, and with it XLA's autotuning cache,
+so later variants reuse the algorithms the first chose for the same convolutions: on an
+H200 the first ImageNet 64 step compiled in 162 s, the next ones in 52-76 s. A variant
+is not started once the last compile time says it would end past --deadline_s; the
+model FLOPs are counted last, if time is left. Every result is appended to
+DIR/gpu_ab.jsonl as soon as it exists.
 """
 
 import argparse
@@ -38,10 +41,18 @@ from cfg_guidance import train
 from cfg_guidance.models import layers
 from configs import adm
 
+# bench.gpu's helpers, so that both scripts time the same step.
+# pylint: disable=protected-access
+_with, _train_step, _flops = gpu._with, gpu._train_step, gpu._flops
+# pylint: enable=protected-access
+
 # name -> what it swaps: "norm" (a norm_bench form for every GroupNorm),
-# "dropout_words" ("hash": layers.counter_hash_bits, "rbg": jax.random.bits) or
-# "model" (model config fields). Since the H200 A/B (bench/BENCHMARKS.md) the library
-# takes hashed dropout words on GPUs too, so there "hash_dropout" is "base".
+# "dropout_words" ("hash": layers.counter_hash_bits, "rbg": jax.random.bits),
+# "model" (model config fields) or "layout" ("auto": the compiler picks the train
+# state's layout; on an H200 row-major 3×3 kernels cost the optimizer a transpose of
+# cuDNN's [O, H, W, I] weight gradients, ~10 ms a step). Since the H200 A/B
+# (bench/BENCHMARKS.md) the library takes hashed dropout words on GPUs too, so there
+# "hash_dropout" is "base".
 VARIANTS = {
     "base": {},
     "fast": {"norm": "one_pass", "dropout_words": "hash"},
@@ -51,6 +62,7 @@ VARIANTS = {
     "groups": {"norm": "groups"},
     "rbg_dropout": {"dropout_words": "rbg"},
     "no_dropout": {"model": {"dropout": 0.0}},
+    "auto_layout": {"layout": "auto"},
 }
 
 _WORDS = {"hash": layers.counter_hash_bits,
@@ -76,10 +88,10 @@ def _norm_call(form):
 @contextlib.contextmanager
 def swapped(spec):
   """Applies a VARIANTS entry's layer swaps while the step is traced."""
-  unknown = set(spec) - {"norm", "dropout_words", "model"}
+  unknown = set(spec) - {"norm", "dropout_words", "model", "layout"}
   if unknown:
-    raise ValueError(f"Unknown swap {sorted(unknown)}; expected norm, dropout_words "
-                     "or model.")
+    raise ValueError(f"Unknown swap {sorted(unknown)}; expected norm, dropout_words, "
+                     "model or layout.")
   saved = layers.GroupNorm.__call__, layers.dropout_words
   try:
     if "norm" in spec:
@@ -128,8 +140,6 @@ def main(argv=None):
   parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--hlo", default="base", help="Variants whose HLO to keep.")
   parser.add_argument("--deadline_s", type=float, default=540.0)
-  parser.add_argument("--cache_dir", default=None,
-                      help="JAX compilation cache (default: a fresh temporary one).")
   parser.add_argument("--out", default=os.environ.get("OUT"))
   args = parser.parse_args(argv)
   names = args.variants.split(",")
@@ -144,11 +154,13 @@ def main(argv=None):
       with open(os.path.join(args.out, "gpu_ab.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
-  jax.config.update("jax_compilation_cache_dir",
-                    args.cache_dir or tempfile.mkdtemp(prefix="bench_gpu_ab_cache_"))
   device = jax.devices()[0]
+  if device.platform == "gpu":  # XLA's autotuning cache lives in JAX's persistent one.
+    jax.config.update("jax_compilation_cache_dir",
+                      tempfile.mkdtemp(prefix="bench_gpu_ab_cache_"))
+  spec_tflops = (gpu._spec_peak(device) or 0) / 1e12  # pylint: disable=protected-access
   emit({"bench": "device", "kind": device.device_kind, "platform": device.platform,
-        "jax": jax.__version__, "spec_bf16_tflops": (gpu._spec_peak(device) or 0) / 1e12})
+        "jax": jax.__version__, "spec_bf16_tflops": spec_tflops})
 
   model_config = getattr(adm, args.model)()
   model_config.dtype, model_config.attention_impl = args.dtype, args.attention_impl
@@ -163,18 +175,26 @@ def main(argv=None):
   for name in names:
     spec = VARIANTS[name]
     elapsed = time.monotonic() - start_time
-    if last_compile_s is not None and elapsed + 1.2 * last_compile_s + 30 > args.deadline_s:
+    if last_compile_s and elapsed + 1.2 * last_compile_s + 30 > args.deadline_s:
       emit({"bench": "skipped", "variant": name, "elapsed_s": round(elapsed, 1),
             "why": f"would end past --deadline_s={args.deadline_s}"})
       continue
     try:
-      config = gpu._with(model_config, **spec.get("model", {}))  # pylint: disable=protected-access
+      config = _with(model_config, **spec.get("model", {}))
       with swapped(spec):
-        step = gpu._train_step(config, tx)  # pylint: disable=protected-access
+        step = _train_step(config, tx, auto_layout=spec.get("layout") == "auto")
         begin = time.perf_counter()
         compiled = step.lower(state, data).compile()
         last_compile_s = time.perf_counter() - begin
-      state, metrics = compiled(state, data)  # Warm-up.
+      # The state in the layouts this step takes (a no-op where they are the last's).
+      formats = compiled.input_formats[0][0]
+      state = jax.device_put(state, formats)
+      reordered = sum(list(f.layout.major_to_minor) != sorted(f.layout.major_to_minor)
+                      for f in jax.tree.leaves(formats))
+      # Warm-up. After one step, the H200's first timed run in a process was ~20 ms a
+      # step slower than the next two.
+      for _ in range(3):
+        state, metrics = compiled(state, data)
       jax.block_until_ready(metrics)
       step_s, spread, state = _median_step_s(compiled, state, data, args.steps)
       base_step_s = base_step_s or step_s
@@ -185,6 +205,7 @@ def main(argv=None):
             "compile_s": round(last_compile_s, 1), "step_s": step_s,
             "step_s_spread": spread, "images_per_s": args.batch / step_s,
             "speedup_vs_first": base_step_s / step_s,
+            "state_arrays_not_row_major": int(reordered),
             # The process's peak so far: the largest of the variants run until now.
             "peak_memory_gib_so_far": stats.get("peak_bytes_in_use", 0) / 2**30})
       hlo_text = compiled.as_text()
@@ -208,8 +229,8 @@ def main(argv=None):
             f"{str(e)[:2000]}"})
   if time.monotonic() - start_time + 60 < args.deadline_s:
     try:
-      einsum = gpu._with(model_config, attention_impl="einsum")  # pylint: disable=protected-access
-      flops, source = gpu._flops(gpu._train_step(einsum, tx), state, data)  # pylint: disable=protected-access
+      einsum = _train_step(_with(model_config, attention_impl="einsum"), tx)
+      flops, source = _flops(einsum, state, data)
       emit({"bench": "flops", "flops_per_step": flops, "flops_counted": source,
             "batch": args.batch})
     except Exception as e:  # pylint: disable=broad-exception-caught

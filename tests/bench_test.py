@@ -310,13 +310,14 @@ def test_fusion_traffic_of_a_compiled_program_matches_its_shapes():
 
 def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
   """bench.gpu_ab end to end on the digits U-Net: the library's step and one with
-  GroupNorm's written-out backward and XLA's dropout bits swapped in."""
+  GroupNorm's written-out backward, XLA's dropout bits and compiler-chosen state
+  layouts swapped in."""
   import json  # pylint: disable=g-import-not-at-top
   from bench import gpu_ab, norm_bench  # pylint: disable=g-import-not-at-top
   from cfg_guidance.models import layers  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(norm_bench, "GROUPS", 8)  # The digits U-Net's groups.
   monkeypatch.setitem(gpu_ab.VARIANTS, "both", {"norm": "custom_vjp",
-                                                "dropout_words": "rbg"})
+                                                "dropout_words": "rbg", "layout": "auto"})
   call, words = layers.GroupNorm.__call__, layers.dropout_words
   gpu_ab.main(["--model=digits", "--dtype=float32", "--batch=4",
                "--variants=base,both", "--steps=1",
@@ -326,6 +327,9 @@ def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
   records = [json.loads(line) for line in (tmp_path / "gpu_ab.jsonl").open()]
   steps = [r for r in records if r["bench"] == "train_step_variant"]
   assert [r["variant"] for r in steps] == ["base", "both"]
+  # XLA:CPU keeps row-major layouts when asked to choose (a GPU may not: cuDNN wants
+  # its weight gradients in [O, H, W, I] order).
+  assert [r["state_arrays_not_row_major"] for r in steps] == [0, 0]
   for r in steps:
     assert math.isclose(r["speedup_vs_first"], steps[0]["step_s"] / r["step_s"])
     assert math.isclose(r["images_per_s"], 4 / r["step_s"])
