@@ -1,7 +1,7 @@
 """Train-step variants timed against each other on one device, with a profile of each.
 
   python -m bench.gpu_ab [--model=imagenet64] [--batch=256] [--attention_impl=cudnn]
-      [--variants=base,rbg_dropout,custom_vjp] [--profile_steps=3] [--hlo=base]
+      [--variants=base,auto_layout,custom_vjp] [--profile_steps=3] [--hlo=base]
       [--deadline_s=540] [--out=DIR]
 
 A variant is the same train step with layers swapped at trace time (VARIANTS):
@@ -135,7 +135,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--attention_impl", default="einsum")
-  parser.add_argument("--variants", default="base,rbg_dropout,custom_vjp")
+  parser.add_argument("--variants", default="base,auto_layout,custom_vjp")
   parser.add_argument("--steps", type=int, default=4, help="Steps per timed run.")
   parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--hlo", default="base", help="Variants whose HLO to keep.")
