@@ -165,8 +165,8 @@ def main(argv=None):
   model_config = getattr(adm, args.model)()
   model_config.dtype, model_config.attention_impl = args.dtype, args.attention_impl
   tx = train.make_optimizer(gpu._train_config())  # pylint: disable=protected-access
-  state = jax.jit(functools.partial(train.init_state, model_config=model_config,
-                                    tx=tx))(jax.random.key(0))
+  init = jax.jit(functools.partial(train.init_state, model_config=model_config, tx=tx))
+  state = init(jax.random.key(0))
   shape = (args.batch, model_config.image_size, model_config.image_size,
            model_config.channels)
   data = {"image": jax.random.uniform(jax.random.key(1), shape, jnp.float32, -1, 1),
@@ -227,6 +227,8 @@ def main(argv=None):
       traceback.print_exc()
       emit({"bench": "error", "variant": name, "error": f"{type(e).__name__}: "
             f"{str(e)[:2000]}"})
+      if any(a.is_deleted() for a in jax.tree.leaves(state)):
+        state = init(jax.random.key(0))  # A step took it (donated), then failed.
   if time.monotonic() - start_time + 60 < args.deadline_s:
     try:
       einsum = _train_step(_with(model_config, attention_impl="einsum"), tx)

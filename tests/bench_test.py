@@ -339,3 +339,30 @@ def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
   assert (tmp_path / "hlo_base.txt.gz").exists()
   kernels = [json.loads(line) for line in (tmp_path / "kernels.jsonl").open()]
   assert [k["variant"] for k in kernels] == ["base", "both"]
+
+
+def test_gpu_ab_goes_on_after_a_variant_fails_with_its_state_donated(tmp_path,
+                                                                      monkeypatch):
+  """A failure after the step consumed the donated train state (an out-of-memory error
+  in the timing, say) costs that variant only: the next one gets a fresh state."""
+  import json  # pylint: disable=g-import-not-at-top
+  from bench import gpu_ab  # pylint: disable=g-import-not-at-top
+  timed = gpu_ab._median_step_s  # pylint: disable=protected-access
+  calls = []
+
+  def fails_first(compiled, state, data, steps):
+    calls.append(1)
+    if len(calls) == 1:
+      compiled(state, data)  # Donates, and so deletes, the state passed in.
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return timed(compiled, state, data, steps)
+
+  monkeypatch.setattr(gpu_ab, "_median_step_s", fails_first)
+  gpu_ab.main(["--model=digits", "--dtype=float32", "--batch=2",
+               "--variants=rbg_dropout,base", "--steps=1", "--profile_steps=0",
+               f"--out={tmp_path}"])
+  records = [json.loads(line) for line in (tmp_path / "gpu_ab.jsonl").open()]
+  assert [(r["bench"], r.get("variant")) for r in records] == [
+      ("device", None), ("error", "rbg_dropout"), ("train_step_variant", "base"),
+      ("flops", None)]
+  assert "out of memory" in records[1]["error"]
