@@ -41,10 +41,11 @@ SPEC_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0
                     "TPU v5 lite": 197.0, "TPU v5p": 459.0}
 
 
-def _emit(out_dir, record):
+def _emit(out_dir, record, filename="gpu_bench.jsonl"):
+  """Prints a result and appends it to DIR/filename."""
   print(json.dumps(record), flush=True)
   if out_dir:
-    with open(os.path.join(out_dir, "gpu_bench.jsonl"), "a") as f:
+    with open(os.path.join(out_dir, filename), "a") as f:
       f.write(json.dumps(record) + "\n")
 
 

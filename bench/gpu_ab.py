@@ -43,7 +43,7 @@ from configs import adm
 
 # bench.gpu's helpers, so that both scripts time the same step.
 # pylint: disable=protected-access
-_with, _train_step, _flops = gpu._with, gpu._train_step, gpu._flops
+_emit, _with, _train_step, _flops = gpu._emit, gpu._with, gpu._train_step, gpu._flops
 # pylint: enable=protected-access
 
 # name -> what it swaps: "norm" (a norm_bench form for every GroupNorm),
@@ -148,11 +148,7 @@ def main(argv=None):
     raise ValueError(f"--variants: unknown {unknown}; expected some of "
                      f"{sorted(VARIANTS)}.")
 
-  def emit(record):
-    print(json.dumps(record), flush=True)
-    if args.out:
-      with open(os.path.join(args.out, "gpu_ab.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+  emit = functools.partial(_emit, args.out, filename="gpu_ab.jsonl")
 
   device = jax.devices()[0]
   if device.platform == "gpu":  # XLA's autotuning cache lives in JAX's persistent one.
