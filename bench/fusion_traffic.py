@@ -1,7 +1,7 @@
 """Memory traffic of a compiled step's fusions, against the time the profile gave them.
 
   python -m bench.fusion_traffic HLO.txt[.gz] KERNELS.jsonl[.gz] [--variant=base]
-      [--copy_gbps=3133]
+      [--copy_gbps=3133] [--peak_tflops=989]
 
 HLO is a compiled program's optimised HLO text (`Compiled.as_text()`, as bench.gpu_ab
 keeps it) and KERNELS the per-kernel table of a profile of that program (bench.gpu_ab's
@@ -14,6 +14,15 @@ many bytes there are: a kernel far under the copy rate is slow at its work; byte
 near the copy rate can only fall with fewer passes over the tensors. Custom calls
 (cuDNN convolutions and attention, cuBLAS) are not charged; nor is what a profile shows
 under no HLO name (a host's memcpy).
+
+The custom calls get their own report (`library_calls`, and the CLI's second half):
+the model FLOPs of each cuDNN convolution, cuBLAS matmul and cuDNN attention call,
+counted from its shapes, against the time its kernels took, so the report says how
+near the chip's peak the library work runs, by kind (convolution forward, input
+gradient, weight gradient; matmul; attention forward and backward) and by
+convolution shape. A convolution's kernels carry its HLO name; matmuls and attention
+run inside command buffers, so those kernels are matched by their names and summed
+by kind.
 """
 
 import argparse
@@ -117,6 +126,145 @@ def traffic(hlo_text: str, kernels, copy_gbps: float | None = None, top: int = 2
   return record
 
 
+
+# What a custom call computes, from its target; the first match wins.
+_CALL_KINDS = (
+    ("attention_backward", r"fmha.*Backward"),
+    ("attention_forward", r"fmha"),
+    ("conv_weight_grad", r"conv.*BackwardFilter"),
+    ("conv_input_grad", r"conv.*BackwardInput"),
+    ("conv_forward", r"conv"),
+    ("matmul", r"cublas|gemm|matmul"),
+)
+# The same kinds for a kernel under no call's name (one in a command buffer), from the
+# kernel's own name: cuDNN's flash attention says fprop or bprop (its backward's
+# helpers dot_do_o and convert_dq), its convolutions fprop, dgrad or wgrad.
+_KERNEL_KINDS = (
+    ("attention_backward", r"sdpa.*bprop|flash.*bprop|dot_do_o|convert_dq"),
+    ("attention_forward", r"sdpa|fmha|flash"),
+    ("conv_weight_grad", r"wgrad"),
+    ("conv_input_grad", r"dgrad"),
+    ("conv_forward", r"fprop"),
+    ("matmul", r"gemm|nvjet|cublas"),
+)
+
+
+def _shape(hlo_type: str) -> tuple[str, list[int]]:
+  """The first array of an HLO type: "(bf16[2,3]{1,0}, u8[9])" -> ("bf16", [2, 3])."""
+  dtype, dims = _SHAPE.search(hlo_type).groups()
+  return dtype, [int(d) for d in filter(None, dims.split(","))]
+
+
+def _numel(dims) -> int:
+  count = 1
+  for d in dims:
+    count *= d
+  return count
+
+
+def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple:
+  """(model FLOPs, dtype, shape key) of one library call, from its HLO types.
+
+  A convolution does 2 FLOPs per output element and filter tap-input pair:
+  2 · |y| · |w| / O, with y the forward output (a gradient's incoming gradient) and w
+  the filter, [O, ...] in XLA's cuDNN calls (dim_labels o01i). A matmul does
+  2 · |result| · K. Attention, q and k [B, S, N, D]: 4 · B·N·Sq·Sk·D forward, twice
+  that backward (the model's FLOPs; a flash backward recomputes the logits, a third
+  more).
+  """
+  if kind.startswith("conv"):
+    labels = re.search(r"dim_labels=\w+_(\w+)->", line).group(1)
+    y, w = {"conv_forward": (result, operands[1]),
+            "conv_input_grad": (operands[0], operands[1]),
+            "conv_weight_grad": (operands[1], result)}[kind]
+    (dtype, y), (_, w) = _shape(y), _shape(w)
+    flops = 2 * _numel(y) * _numel(w) // w[labels.index("o")]
+    spatial = "x".join(map(str, y[1:-1]))
+    return flops, dtype, f"{spatial} {'x'.join(map(str, w))}"
+  if kind == "matmul":
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
+    _, lhs = _shape(operands[0])
+    k = _numel(lhs[int(d.strip('"'))] for d in contracting.group(1).split(",") if d)
+    dtype, out = _shape(result)
+    return 2 * _numel(out) * k, dtype, ""
+  # Attention: q, k as the call constrains them ([B, S, N, D]), else as given.
+  constrained = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)
+  (dtype, q), (_, k) = [_shape(t) for t in (
+      re.findall(r"\w+\[[0-9,]*\]", constrained.group(1)) if constrained
+      else operands)[:2]]
+  flops = 4 * _numel(q) * k[1] * (2 if kind == "attention_backward" else 1)
+  return flops, dtype, ""
+
+
+def _first_kind(kinds, text):
+  return next((kind for kind, pattern in kinds if re.search(pattern, text)), None)
+
+
+def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
+                  top: int = 12):
+  """FLOP rates of the step's cuDNN and cuBLAS calls, by kind and by convolution shape.
+
+  kernels: as for `traffic`. A kernel whose XLA op names a call is that call's
+  (helpers included: cuDNN's padding and workspace kernels); one under another name is
+  given a kind by its kernel name. Each kind's FLOPs are its calls' in the HLO, run
+  once a step. Returns ms and TFLOP per step, TFLOP/s, and with peak_tflops the
+  fraction of it and the ms the same FLOPs take at the peak.
+  """
+  types, calls = {}, {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, hlo_type, opcode, rest = m.groups()
+    types[name] = hlo_type
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    if opcode == "custom-call" and target:
+      kind = _first_kind(_CALL_KINDS, target.group(1))
+      if kind:
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        calls[name] = (kind, hlo_type, operands, line)
+  counted = {}
+  for name, (kind, hlo_type, operands, line) in calls.items():
+    counted[name] = (kind, *call_flops(kind, hlo_type, [types[o] for o in operands],
+                                       line))
+  by_kind = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, FLOPs, ms
+  by_shape = collections.defaultdict(lambda: [0, 0.0, 0.0])
+  for kind, flops, dtype, shape in counted.values():
+    by_kind[kind][0] += 1
+    by_kind[kind][1] += flops
+    if kind.startswith("conv"):
+      by_shape[kind, dtype, shape][0] += 1
+      by_shape[kind, dtype, shape][1] += flops
+  for kernel, op, ms, _ in kernels:
+    if op in counted:
+      kind, _, dtype, shape = counted[op]
+      by_kind[kind][2] += ms
+      if kind.startswith("conv"):
+        by_shape[kind, dtype, shape][2] += ms
+    elif kind := _first_kind(_KERNEL_KINDS, kernel.lower()):
+      by_kind[kind][2] += ms
+  peak = peak_tflops * 1e12 if peak_tflops else None
+
+  def row(key, n, flops, ms):
+    rate = flops / ms / 1e9 if ms else 0.0
+    return [*key, n, flops / 1e12, ms, rate] + (
+        [rate * 1e12 / peak, flops / peak * 1e3] if peak else [])
+
+  kinds = [row((kind,), *v) for kind, v in by_kind.items()]
+  # Slowest first: by the ms they lose against the peak where it is given.
+  shapes = sorted((row(key, *v) for key, v in by_shape.items()),
+                  key=lambda r: r[8] - r[5] if peak else -r[5])
+  total_flops = sum(v[1] for v in by_kind.values())
+  total_ms = sum(v[2] for v in by_kind.values())
+  record = {"library_tflop": total_flops / 1e12, "library_ms": total_ms,
+            "library_tflops_per_s": total_flops / total_ms / 1e9 if total_ms else 0.0,
+            "by_kind": sorted(kinds, key=lambda r: -r[3]),
+            "convs_by_shape": shapes[:top]}
+  if peak:
+    record["peak_tflops"] = peak_tflops
+    record["library_ms_at_peak"] = total_flops / peak * 1e3
+  return record
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("hlo")
@@ -124,6 +272,8 @@ def main(argv=None):
   parser.add_argument("--variant", default="base")
   parser.add_argument("--copy_gbps", type=float, default=None,
                       help="A copy's rate on the device (bench.norm_bench measures it).")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="The chip's peak for the library calls' dtype (bf16 dense).")
   args = parser.parse_args(argv)
   with (gzip.open if args.hlo.endswith(".gz") else open)(args.hlo, "rt") as f:
     hlo_text = f.read()
@@ -142,6 +292,21 @@ def main(argv=None):
     print(f"\n{title}: ms, GB, GB/s per step")
     for key, ms, gb, gbps in record[title]:
       print(f"  {ms:7.2f} {gb:7.2f} {gbps:6.0f}  {key}")
+
+  calls = library_calls(hlo_text, tables[args.variant], args.peak_tflops)
+  at_peak = (f"; {calls['library_ms_at_peak']:.1f} ms at {args.peak_tflops:.0f}"
+             if args.peak_tflops else "")
+  print(f"\nlibrary calls: {calls['library_tflop']:.1f} TFLOP in "
+        f"{calls['library_ms']:.1f} ms per step "
+        f"({calls['library_tflops_per_s']:.0f} TFLOP/s{at_peak})")
+  peak_column = " of peak" if args.peak_tflops else ""
+  for title, width in (("by_kind", 1), ("convs_by_shape", 3)):
+    print(f"\n{title}: calls, TFLOP, ms, TFLOP/s{peak_column} per step")
+    for row in calls[title]:
+      n, tflop, ms, rate = row[width:width + 4]
+      share = f" {row[width + 4]:5.1%}" if args.peak_tflops else ""
+      print(f"  {n:4d} {tflop:7.2f} {ms:7.2f} {rate:6.0f}{share}  "
+            f"{' '.join(row[:width])}")
 
 
 if __name__ == "__main__":

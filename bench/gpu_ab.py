@@ -6,11 +6,14 @@
 
 A variant is the same train step with layers swapped at trace time (VARIANTS):
 GroupNorm for one of bench.norm_bench's forms, dropout's random words for the fused
-counter hash or XLA's generator, or a model field changed. The variants run in the
+counter hash or XLA's generator, or a model field changed; or compiled with XLA
+options: a VARIANTS entry's, or any given as `xla:NAME=VALUE[+NAME=VALUE...]` in
+--variants (`xla:xla_gpu_enable_triton_gemm=false`). The variants run in the
 order given, on one train state, and each reports its compile time, its step time (the
 median of three timed runs) and its speed against the first; then a kernel profile (by
 kind of work; the per-kernel table goes to DIR/kernels.jsonl), the bytes its fusions
-move and how fast (bench.fusion_traffic) and, for those named in --hlo, the optimised
+move and how fast, the FLOP rates of its cuDNN and cuBLAS calls against the chip's
+peak (bench.fusion_traffic) and, for those named in --hlo, the optimised
 HLO (DIR/hlo_<variant>.txt.gz), whose fusion names are the kernel names of the
 profile.
 
@@ -52,7 +55,11 @@ _emit, _with, _train_step, _flops = gpu._emit, gpu._with, gpu._train_step, gpu._
 # state's layout; on an H200 row-major 3×3 kernels cost the optimizer a transpose of
 # cuDNN's [O, H, W, I] weight gradients, ~10 ms a step). Since the H200 A/B
 # (bench/BENCHMARKS.md) the library takes hashed dropout words on GPUs too, so there
-# "hash_dropout" is "base".
+# "hash_dropout" is "base". "xla": XLA compiler options for the step. conv_fusion
+# has XLA hand cuDNN each convolution with the pointwise work around it as one graph
+# (experimental in XLA; it fuses only pointwise ops on the conv's own tensor and scalar
+# broadcasts, so GroupNorm's per-channel scale and the conv's bias stay out), and
+# cudnn_gemm_fusion the matmuls likewise (level 3: XLA's widest).
 VARIANTS = {
     "base": {},
     "fast": {"norm": "one_pass", "dropout_words": "hash"},
@@ -63,7 +70,30 @@ VARIANTS = {
     "rbg_dropout": {"dropout_words": "rbg"},
     "no_dropout": {"model": {"dropout": 0.0}},
     "auto_layout": {"layout": "auto"},
+    "einsum_attention": {"model": {"attention_impl": "einsum"}},
+    "conv_fusion": {"xla": {"xla_gpu_experimental_enable_conv_fusion": True,
+                            "xla_gpu_use_runtime_fusion": True}},
+    "cudnn_gemm_fusion": {"xla": {"xla_gpu_cudnn_gemm_fusion_level": 3}},
 }
+
+
+def variant_spec(name: str) -> dict:
+  """A VARIANTS entry, or the XLA options of an `xla:NAME=VALUE[+NAME=VALUE...]` name
+  (true/false as booleans, integers as integers, the rest as strings)."""
+  if name in VARIANTS:
+    return VARIANTS[name]
+  if not name.startswith("xla:"):
+    raise ValueError(f"--variants: unknown {name!r}; expected one of "
+                     f"{sorted(VARIANTS)} or xla:NAME=VALUE[+NAME=VALUE...].")
+  options = {}
+  for item in name[len("xla:"):].split("+"):
+    key, sep, value = item.partition("=")
+    if not (sep and key):
+      raise ValueError(f"--variants: {name!r}: {item!r} is not NAME=VALUE.")
+    lowered = value.lower()
+    options[key] = (lowered == "true" if lowered in ("true", "false")
+                    else int(value) if value.lstrip("-").isdigit() else value)
+  return {"xla": options}
 
 _WORDS = {"hash": layers.counter_hash_bits,
           "rbg": lambda key, n: jax.random.bits(key, (n,), jnp.uint32)}
@@ -88,10 +118,10 @@ def _norm_call(form):
 @contextlib.contextmanager
 def swapped(spec):
   """Applies a VARIANTS entry's layer swaps while the step is traced."""
-  unknown = set(spec) - {"norm", "dropout_words", "model", "layout"}
+  unknown = set(spec) - {"norm", "dropout_words", "model", "layout", "xla"}
   if unknown:
     raise ValueError(f"Unknown swap {sorted(unknown)}; expected norm, dropout_words, "
-                     "model or layout.")
+                     "model, layout or xla.")
   saved = layers.GroupNorm.__call__, layers.dropout_words
   try:
     if "norm" in spec:
@@ -143,10 +173,7 @@ def main(argv=None):
   parser.add_argument("--out", default=os.environ.get("OUT"))
   args = parser.parse_args(argv)
   names = args.variants.split(",")
-  unknown = [n for n in names if n not in VARIANTS]
-  if unknown:
-    raise ValueError(f"--variants: unknown {unknown}; expected some of "
-                     f"{sorted(VARIANTS)}.")
+  specs = {name: variant_spec(name) for name in names}  # Fails before any compile.
 
   emit = functools.partial(_emit, args.out, filename="gpu_ab.jsonl")
 
@@ -169,7 +196,7 @@ def main(argv=None):
           "label": jnp.arange(args.batch, dtype=jnp.int32) % model_config.num_classes}
   base_step_s, last_compile_s = None, None
   for name in names:
-    spec = VARIANTS[name]
+    spec = specs[name]
     elapsed = time.monotonic() - start_time
     if last_compile_s and elapsed + 1.2 * last_compile_s + 30 > args.deadline_s:
       emit({"bench": "skipped", "variant": name, "elapsed_s": round(elapsed, 1),
@@ -180,7 +207,7 @@ def main(argv=None):
       with swapped(spec):
         step = _train_step(config, tx, auto_layout=spec.get("layout") == "auto")
         begin = time.perf_counter()
-        compiled = step.lower(state, data).compile()
+        compiled = step.lower(state, data).compile(spec.get("xla"))
         last_compile_s = time.perf_counter() - begin
       # The state in the layouts this step takes (a no-op where they are the last's).
       formats = compiled.input_formats[0][0]
@@ -215,6 +242,8 @@ def main(argv=None):
         kernels = _kernel_table(events, args.profile_steps)
         emit({"bench": "fusion_traffic", "model": args.model, "variant": name,
               **fusion_traffic.traffic(hlo_text, kernels, top=10)})
+        emit({"bench": "library_calls", "model": args.model, "variant": name,
+              **fusion_traffic.library_calls(hlo_text, kernels, spec_tflops or None)})
         if args.out:
           with open(os.path.join(args.out, "kernels.jsonl"), "a") as f:
             f.write(json.dumps({"variant": name, "kernels": kernels}) + "\n")

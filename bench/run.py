@@ -131,6 +131,15 @@ def _accelerator_rows() -> list[str]:
                     f"fusions (`{r['variant']}`) | {r['fused_gb']:.0f} GB/step in "
                     f"{r['fused_ms']:.0f} ms | {r['fused_gb_per_s']:.0f} GB/s{at_copy} | | "
                     f"`{os.path.basename(path)}` |")
+      elif r.get("bench") == "library_calls":
+        of_peak = (f", {r['library_tflops_per_s'] / r['peak_tflops']:.0%} of spec bf16 "
+                   "peak" if r.get("peak_tflops") else "")
+        kinds = ", ".join(f"{kind} {rate:.0f}" for kind, _, _, _, rate, *_ in r["by_kind"])
+        rows.append(f"| {device.get('kind')} | {r['model']} train step, cuDNN and cuBLAS "
+                    f"calls (`{r['variant']}`) | {r['library_tflop']:.0f} TFLOP/step in "
+                    f"{r['library_ms']:.0f} ms | {r['library_tflops_per_s']:.0f} "
+                    f"TFLOP/s{of_peak} | TFLOP/s by kind: {kinds} | "
+                    f"`{os.path.basename(path)}` |")
       elif r.get("bench") == "kernel_profile" and r.get("variant", "base") == "base":
         shares = ", ".join(f"{kind} {ms / r['busy_ms']:.0%}"
                            for kind, ms in r["by_kind_ms"].items())

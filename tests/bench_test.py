@@ -2,6 +2,7 @@
 
 import gzip
 import math
+import re
 
 import pytest
 
@@ -184,12 +185,16 @@ def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
       {"bench": "kernel_profile", "model": "imagenet64", "variant": "fast", "steps": 3,
        "busy_ms": 1.0, "span_ms": 1.0, "by_kind_ms": {"reduction": 1.0}},
       {"bench": "fusion_traffic", "model": "imagenet64", "variant": "base",
-       "fused_gb": 368.0, "fused_ms": 131.0, "fused_gb_per_s": 2812.0}]
+       "fused_gb": 368.0, "fused_ms": 131.0, "fused_gb_per_s": 2812.0},
+      {"bench": "library_calls", "model": "imagenet64", "variant": "base",
+       "library_tflop": 168.4, "library_ms": 284.4, "library_tflops_per_s": 592.2,
+       "peak_tflops": 989.0, "by_kind": [["conv_weight_grad", 93, 48.9, 88.1, 555.8],
+                                         ["matmul", 134, 12.0, 17.9, 670.2]]}]
   (tmp_path / "results" / "h100.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records))
   monkeypatch.setattr(bench_run, "HERE", str(tmp_path))
   # A variant's kernel profile is left out: only the base's is shown.
-  check, cudnn, plain, profile, variant, traffic = bench_run._accelerator_rows()
+  check, cudnn, plain, profile, variant, traffic, calls = bench_run._accelerator_rows()
   assert "cudnn attention against einsum" in check and "3.10e-03" in check
   assert "batch 128, remat, cudnn attention | 700 img/s | 45.0% of spec" in cudnn
   assert "batch 64 | 350 img/s | 22.3% of spec" in plain
@@ -197,6 +202,8 @@ def test_accelerator_rows_name_the_variant(tmp_path, monkeypatch):
   assert ("cudnn attention: `fast` (norm=one_pass) | 620 img/s | 39.7% of spec bf16 "
           "peak | ×1.012 against `base`" in variant)
   assert "(`base`) | 368 GB/step in 131 ms | 2812 GB/s |" in traffic
+  assert ("calls (`base`) | 168 TFLOP/step in 284 ms | 592 TFLOP/s, 60% of spec bf16 "
+          "peak | TFLOP/s by kind: conv_weight_grad 556, matmul 670 |" in calls)
 
 
 def test_group_norm_variants_equal_a_float64_reference():
@@ -308,6 +315,136 @@ def test_fusion_traffic_of_a_compiled_program_matches_its_shapes():
                       sum(ms for _, _, ms, _ in kernels))
 
 
+_LIBRARY_HLO = """\
+HloModule step
+
+ENTRY %main (x: bf16[2,4,4,3], w: bf16[8,3,3,3], dy: bf16[2,4,4,8], a: bf16[16,32,64], \
+b: bf16[16,32,48], q: bf16[2,4,16,8], k: bf16[2,4,12,8]) -> f32[16,64,48] {
+  %x = bf16[2,4,4,3]{3,2,1,0} parameter(0)
+  %w = bf16[8,3,3,3]{3,2,1,0} parameter(1)
+  %dy = bf16[2,4,4,8]{3,2,1,0} parameter(2)
+  %a = bf16[16,32,64]{2,1,0} parameter(3)
+  %b = bf16[16,32,48]{2,1,0} parameter(4)
+  %q = bf16[2,4,16,8]{3,2,1,0} parameter(5)
+  %k = bf16[2,4,12,8]{3,2,1,0} parameter(6)
+  %cudnn-conv-bias-activation.1 = (bf16[2,4,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, \
+%w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, \
+custom_call_target="__cudnn$convBiasActivationForward"
+  %cudnn-conv-bw-input.2 = (bf16[2,4,4,3]{3,2,1,0}, u8[0]{0}) custom-call(%dy, %w), \
+window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, \
+custom_call_target="__cudnn$convBackwardInput"
+  %cudnn-conv-bw-filter.3 = (bf16[8,3,3,3]{3,2,1,0}, u8[64]{0}) custom-call(%x, %dy), \
+window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, \
+custom_call_target="__cudnn$convBackwardFilter"
+  %custom-call.4 = (f32[16,64,48]{2,1,0}, s8[0]{0}) custom-call(%a, %b), \
+custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":\
+{"dot_dimension_numbers":{"lhs_batch_dimensions":["0"],"lhs_contracting_dimensions":\
+["1"],"rhs_batch_dimensions":["0"],"rhs_contracting_dimensions":["1"]}}}
+  %attention_fwd.5 = (bf16[2,4,16,8]{3,1,2,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) \
+custom-call(%q, %k, %k), custom_call_target="__cudnn$fmhaSoftmax", \
+operand_layout_constraints={bf16[2,16,4,8]{3,2,1,0}, bf16[2,12,4,8]{3,2,1,0}, \
+bf16[2,12,4,8]{3,2,1,0}}, api_version=API_VERSION_STATUS_RETURNING
+  %attention_bwd.6 = (bf16[2,4,16,8]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %k), \
+custom_call_target="__cudnn$fmhaSoftmaxBackward", \
+operand_layout_constraints={bf16[2,16,4,8]{3,2,1,0}, bf16[2,12,4,8]{3,2,1,0}, \
+bf16[2,12,4,8]{3,2,1,0}}, api_version=API_VERSION_STATUS_RETURNING
+  ROOT %gte = f32[16,64,48]{2,1,0} get-tuple-element(%custom-call.4), index=0
+}
+"""
+
+
+def test_library_calls_count_each_calls_flops_from_its_shapes():
+  """FLOPs by hand. Each convolution: 2 · |y| · 3·3·3 = 2 · 256 · 27; the batched
+  matmul: 2 · 16·64·48 · 32; attention with q [2, 16, 4, 8] and k [2, 12, 4, 8] as the
+  call constrains them (the parameters' own shapes would give k's S as 4):
+  4 · 2·4·16·12·8 forward, twice that backward. A convolution's time is every kernel
+  under its name; matmul and attention kernels in a command buffer count by their own
+  names, and a fusion's not at all."""
+  from bench import fusion_traffic  # pylint: disable=g-import-not-at-top
+  kernels = [["sm90_xmma_fprop_implicit_gemm", "cudnn-conv-bias-activation.1", 0.010, 1],
+             ["nhwcAddPaddingKernel", "cudnn-conv-bias-activation.1", 0.002, 1],
+             ["sm90_xmma_dgrad_implicit_gemm", "cudnn-conv-bw-input.2", 0.006, 1],
+             ["sm90_xmma_wgrad_implicit_gemm", "cudnn-conv-bw-filter.3", 0.024, 1],
+             ["nvjet_sm90_tst_128x128_64x6", "command_buffer_7", 0.5, 1],
+             ["cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "command_buffer_7",
+              0.003, 1],
+             ["cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "command_buffer_7",
+              0.004, 1],
+             ["void cudnn::fusion::compute_dot_do_o_specialized<true, 64>",
+              "command_buffer_7", 0.002, 1],
+             ["loop_add_fusion_3", "command_buffer_7", 1.0, 1]]
+  got = fusion_traffic.library_calls(_LIBRARY_HLO, kernels, peak_tflops=0.01)
+  conv = 2 * (2 * 4 * 4 * 8) * 27
+  attention = 4 * 2 * 4 * 16 * 12 * 8
+  want = {"conv_forward": (conv, 0.012), "conv_input_grad": (conv, 0.006),
+          "conv_weight_grad": (conv, 0.024), "matmul": (2 * 16 * 64 * 48 * 32, 0.5),
+          "attention_forward": (attention, 0.003),
+          "attention_backward": (2 * attention, 0.006)}
+  by_kind = {kind: row for kind, *row in got["by_kind"]}
+  assert set(by_kind) == set(want)
+  for kind, (flops, ms) in want.items():
+    n, tflop, got_ms, rate, share, ms_at_peak = by_kind[kind]
+    assert n == 1 and math.isclose(tflop, flops / 1e12), kind
+    assert math.isclose(got_ms, ms) and math.isclose(rate, flops / ms / 1e9), kind
+    assert math.isclose(share, flops / ms / 1e9 / 0.01), kind
+    assert math.isclose(ms_at_peak, flops / 0.01e12 * 1e3), kind
+  total = sum(flops for flops, _ in want.values())
+  assert math.isclose(got["library_tflop"], total / 1e12)
+  assert math.isclose(got["library_ms"], sum(ms for _, ms in want.values()))
+  # By shape, the one that loses most against the peak first: the weight gradient.
+  assert [row[:3] for row in got["convs_by_shape"]] == [
+      ["conv_weight_grad", "bf16", "4x4 8x3x3x3"], ["conv_forward", "bf16", "4x4 8x3x3x3"],
+      ["conv_input_grad", "bf16", "4x4 8x3x3x3"]]
+
+
+def test_library_calls_of_the_h200_step_match_its_jaxpr():
+  """The kept H200 program (bench/results): the FLOPs of its 3×3 cuDNN convolutions,
+  as XLA rewrote and split them, against the convolutions of the train step's jaxpr at
+  the same size, traced from our model code (the 1×1 skip projections are dots in
+  the jaxpr, convolutions for cuDNN, and so left out of both)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bench import fusion_traffic, gpu  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import train  # pylint: disable=g-import-not-at-top
+  from configs import adm  # pylint: disable=g-import-not-at-top
+  results = os.path.join(os.path.dirname(bench_run.__file__), "results")
+  with gzip.open(os.path.join(results, "h200_2026-11-28_ab.hlo_base.txt.gz"), "rt") as f:
+    hlo_text = f.read()
+  with gzip.open(os.path.join(results, "h200_2026-11-28_ab.kernels_base.jsonl.gz"),
+                 "rt") as f:
+    kernels = json.loads(f.readline())["kernels"]
+  got = fusion_traffic.library_calls(hlo_text, kernels, top=1000)
+  hlo_flops = sum(row[4] for row in got["convs_by_shape"] if "x3x3x" in row[2]) * 1e12
+
+  config = adm.imagenet64()
+  config.dtype = "bfloat16"  # The run's attention was cuDNN's; its convolutions alike.
+  tx = train.make_optimizer(gpu._train_config())  # pylint: disable=protected-access
+  state = jax.eval_shape(functools.partial(train.init_state, model_config=config, tx=tx),
+                         jax.random.key(0))
+  data = {"image": jax.ShapeDtypeStruct((256, 64, 64, 3), jnp.float32),
+          "label": jax.ShapeDtypeStruct((256,), jnp.int32)}
+  step = gpu._train_step(config, tx)  # pylint: disable=protected-access
+  jaxpr_flops = 0
+
+  def walk(jaxpr):
+    nonlocal jaxpr_flops
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+        rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+        taps = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
+        jaxpr_flops += 2 * math.prod(out) * taps
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(step)(state, data).jaxpr)
+  assert jaxpr_flops > 1e14
+  assert math.isclose(hlo_flops, jaxpr_flops, rel_tol=1e-12), (hlo_flops, jaxpr_flops)
+
+
 def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
   """bench.gpu_ab end to end on the digits U-Net: the library's step and one with
   GroupNorm's written-out backward, XLA's dropout bits and compiler-chosen state
@@ -335,6 +472,9 @@ def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
     assert math.isclose(r["images_per_s"], 4 / r["step_s"])
   traffic = [r for r in records if r["bench"] == "fusion_traffic"]
   assert len(traffic) == 2 and all(r["fused_gb"] > 0 for r in traffic)
+  # XLA:CPU calls no cuDNN or cuBLAS: the report is there, and empty.
+  calls = [r for r in records if r["bench"] == "library_calls"]
+  assert [(r["variant"], r["library_tflop"]) for r in calls] == [("base", 0), ("both", 0)]
   assert records[-1]["bench"] == "flops" and records[-1]["flops_per_step"] > 0
   assert (tmp_path / "hlo_base.txt.gz").exists()
   kernels = [json.loads(line) for line in (tmp_path / "kernels.jsonl").open()]
@@ -344,7 +484,8 @@ def test_gpu_ab_times_variants_and_undoes_its_swaps(tmp_path, monkeypatch):
 def test_gpu_ab_goes_on_after_a_variant_fails_with_its_state_donated(tmp_path,
                                                                       monkeypatch):
   """A failure after the step consumed the donated train state (an out-of-memory error
-  in the timing, say) costs that variant only: the next one gets a fresh state."""
+  in the timing, say) costs that variant only: the next one gets a fresh state. So does
+  an XLA option the compiler does not know (which shows the options reach it)."""
   import json  # pylint: disable=g-import-not-at-top
   from bench import gpu_ab  # pylint: disable=g-import-not-at-top
   timed = gpu_ab._median_step_s  # pylint: disable=protected-access
@@ -359,10 +500,21 @@ def test_gpu_ab_goes_on_after_a_variant_fails_with_its_state_donated(tmp_path,
 
   monkeypatch.setattr(gpu_ab, "_median_step_s", fails_first)
   gpu_ab.main(["--model=digits", "--dtype=float32", "--batch=2",
-               "--variants=rbg_dropout,base", "--steps=1", "--profile_steps=0",
-               f"--out={tmp_path}"])
+               "--variants=xla:xla_no_such_option=true,rbg_dropout,base", "--steps=1",
+               "--profile_steps=0", f"--out={tmp_path}"])
   records = [json.loads(line) for line in (tmp_path / "gpu_ab.jsonl").open()]
   assert [(r["bench"], r.get("variant")) for r in records] == [
-      ("device", None), ("error", "rbg_dropout"), ("train_step_variant", "base"),
-      ("flops", None)]
-  assert "out of memory" in records[1]["error"]
+      ("device", None), ("error", "xla:xla_no_such_option=true"),
+      ("error", "rbg_dropout"), ("train_step_variant", "base"), ("flops", None)]
+  assert "xla_no_such_option" in records[1]["error"]
+  assert "out of memory" in records[2]["error"]
+
+
+def test_gpu_ab_reads_xla_options_from_a_variants_name():
+  from bench import gpu_ab  # pylint: disable=g-import-not-at-top
+  assert gpu_ab.variant_spec("xla:a_flag=true+level=3+mode=fast+off=False") == {
+      "xla": {"a_flag": True, "level": 3, "mode": "fast", "off": False}}
+  assert gpu_ab.variant_spec("conv_fusion") is gpu_ab.VARIANTS["conv_fusion"]
+  for bad in ("xla:level", "xla:=3", "convfusion"):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+      gpu_ab.variant_spec(bad)
