@@ -1,8 +1,8 @@
 """Train-step variants timed against each other on one device, with a profile of each.
 
   python -m bench.gpu_ab [--model=imagenet64] [--batch=256] [--attention_impl=cudnn]
-      [--variants=base,auto_layout,custom_vjp] [--profile_steps=3] [--hlo=base]
-      [--deadline_s=540] [--out=DIR]
+      [--variants=base,auto_layout,einsum_attention,conv_fusion] [--profile_steps=3]
+      [--hlo=base] [--deadline_s=540] [--out=DIR]
 
 A variant is the same train step with layers swapped at trace time (VARIANTS):
 GroupNorm for one of bench.norm_bench's forms, dropout's random words for the fused
@@ -59,7 +59,9 @@ _emit, _with, _train_step, _flops = gpu._emit, gpu._with, gpu._train_step, gpu._
 # has XLA hand cuDNN each convolution with the pointwise work around it as one graph
 # (experimental in XLA; it fuses only pointwise ops on the conv's own tensor and scalar
 # broadcasts, so GroupNorm's per-channel scale and the conv's bias stay out), and
-# cudnn_gemm_fusion the matmuls likewise (level 3: XLA's widest).
+# cudnn_gemm_fusion the matmuls likewise (level 3: XLA's widest). Experimental options
+# may fail an XLA check, which ends the process: run them last (the records before
+# are already written).
 VARIANTS = {
     "base": {},
     "fast": {"norm": "one_pass", "dropout_words": "hash"},
@@ -165,7 +167,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--attention_impl", default="einsum")
-  parser.add_argument("--variants", default="base,auto_layout,custom_vjp")
+  parser.add_argument("--variants",
+                      default="base,auto_layout,einsum_attention,conv_fusion")
   parser.add_argument("--steps", type=int, default=4, help="Steps per timed run.")
   parser.add_argument("--profile_steps", type=int, default=3)
   parser.add_argument("--hlo", default="base", help="Variants whose HLO to keep.")
