@@ -162,8 +162,9 @@ def _numel(dims) -> int:
   return count
 
 
-def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple:
-  """(model FLOPs, dtype, shape key) of one library call, from its HLO types.
+def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple | None:
+  """(model FLOPs, dtype, shape key) of one library call, from its HLO types; None
+  where the line lacks what the count needs (dim_labels, contracting dimensions).
 
   A convolution does 2 FLOPs per output element and filter tap-input pair:
   2 · |y| · |w| / O, with y the forward output (a gradient's incoming gradient) and w
@@ -173,7 +174,10 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple:
   more).
   """
   if kind.startswith("conv"):
-    labels = re.search(r"dim_labels=\w+_(\w+)->", line).group(1)
+    labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+    if not labels or len(operands) < 2:
+      return None
+    labels = labels.group(1)
     y, w = {"conv_forward": (result, operands[1]),
             "conv_input_grad": (operands[0], operands[1]),
             "conv_weight_grad": (operands[1], result)}[kind]
@@ -183,15 +187,19 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple:
     return flops, dtype, f"{spatial} {'x'.join(map(str, w))}"
   if kind == "matmul":
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
+    if not contracting or not operands:
+      return None
     _, lhs = _shape(operands[0])
     k = _numel(lhs[int(d.strip('"'))] for d in contracting.group(1).split(",") if d)
     dtype, out = _shape(result)
     return 2 * _numel(out) * k, dtype, ""
   # Attention: q, k as the call constrains them ([B, S, N, D]), else as given.
   constrained = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)
-  (dtype, q), (_, k) = [_shape(t) for t in (
-      re.findall(r"\w+\[[0-9,]*\]", constrained.group(1)) if constrained
-      else operands)[:2]]
+  types = (re.findall(r"\w+\[[0-9,]*\]", constrained.group(1)) if constrained
+           else operands)
+  if len(types) < 2:
+    return None
+  (dtype, q), (_, k) = _shape(types[0]), _shape(types[1])
   flops = 4 * _numel(q) * k[1] * (2 if kind == "attention_backward" else 1)
   return flops, dtype, ""
 
@@ -208,7 +216,8 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
   (helpers included: cuDNN's padding and workspace kernels); one under another name is
   given a kind by its kernel name. Each kind's FLOPs are its calls' in the HLO, run
   once a step. Returns ms and TFLOP per step, TFLOP/s, and with peak_tflops the
-  fraction of it and the ms the same FLOPs take at the peak.
+  fraction of it and the ms the same FLOPs take at the peak; and how many calls had no
+  FLOP count (uncounted_calls: their kernels' time is left out too).
   """
   types, calls = {}, {}
   for line in hlo_text.splitlines():
@@ -223,10 +232,13 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
       if kind:
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         calls[name] = (kind, hlo_type, operands, line)
-  counted = {}
+  counted, uncounted = {}, set()
   for name, (kind, hlo_type, operands, line) in calls.items():
-    counted[name] = (kind, *call_flops(kind, hlo_type, [types[o] for o in operands],
-                                       line))
+    flops = call_flops(kind, hlo_type, [types[o] for o in operands], line)
+    if flops is None:
+      uncounted.add(name)
+    else:
+      counted[name] = (kind, *flops)
   by_kind = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, FLOPs, ms
   by_shape = collections.defaultdict(lambda: [0, 0.0, 0.0])
   for kind, flops, dtype, shape in counted.values():
@@ -236,6 +248,8 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
       by_shape[kind, dtype, shape][0] += 1
       by_shape[kind, dtype, shape][1] += flops
   for kernel, op, ms, _ in kernels:
+    if op in uncounted:
+      continue
     if op in counted:
       kind, _, dtype, shape = counted[op]
       by_kind[kind][2] += ms
@@ -259,7 +273,7 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
   record = {"library_tflop": total_flops / 1e12, "library_ms": total_ms,
             "library_tflops_per_s": total_flops / total_ms / 1e9 if total_ms else 0.0,
             "by_kind": sorted(kinds, key=lambda r: -r[3]),
-            "convs_by_shape": shapes[:top]}
+            "convs_by_shape": shapes[:top], "uncounted_calls": len(uncounted)}
   if peak:
     record["peak_tflops"] = peak_tflops
     record["library_ms_at_peak"] = total_flops / peak * 1e3
@@ -298,7 +312,9 @@ def main(argv=None):
              if args.peak_tflops else "")
   print(f"\nlibrary calls: {calls['library_tflop']:.1f} TFLOP in "
         f"{calls['library_ms']:.1f} ms per step "
-        f"({calls['library_tflops_per_s']:.0f} TFLOP/s{at_peak})")
+        f"({calls['library_tflops_per_s']:.0f} TFLOP/s{at_peak})"
+        + (f"; calls left out (their HLO gives no FLOP count): "
+           f"{calls['uncounted_calls']}" if calls["uncounted_calls"] else ""))
   peak_column = " of peak" if args.peak_tflops else ""
   for title, width in (("by_kind", 1), ("convs_by_shape", 3)):
     print(f"\n{title}: calls, TFLOP, ms, TFLOP/s{peak_column} per step")

@@ -397,6 +397,49 @@ def test_library_calls_count_each_calls_flops_from_its_shapes():
       ["conv_input_grad", "bf16", "4x4 8x3x3x3"]]
 
 
+def test_fusion_traffic_cli_prints_both_reports(tmp_path, capsys):
+  """The CLI on the kept H200 files: the numbers of both reports in their columns. On
+  a written program, a call it cannot count is said to be left out, and an absent
+  variant is named."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from bench import fusion_traffic  # pylint: disable=g-import-not-at-top
+  results = os.path.join(os.path.dirname(bench_run.__file__), "results")
+  hlo, kernels = (os.path.join(results, f"h200_2026-11-28_ab.{name}")
+                  for name in ("hlo_base.txt.gz", "kernels_base.jsonl.gz"))
+  fusion_traffic.main([hlo, kernels, "--copy_gbps=3133", "--peak_tflops=989"])
+  out = capsys.readouterr().out
+  with gzip.open(hlo, "rt") as f:
+    hlo_text = f.read()
+  with gzip.open(kernels, "rt") as f:
+    table = json.loads(f.readline())["kernels"]
+  traffic = fusion_traffic.traffic(hlo_text, table, 3133)
+  calls = fusion_traffic.library_calls(hlo_text, table, 989)
+  assert (f"fused work: {traffic['fused_ms']:.1f} ms, {traffic['fused_gb']:.1f} GB per "
+          "step" in out)
+  assert (f"library calls: {calls['library_tflop']:.1f} TFLOP in "
+          f"{calls['library_ms']:.1f} ms per step" in out)
+  assert "left out" not in out
+  for title, width in (("by_kind", 1), ("convs_by_shape", 3)):
+    for row in calls[title]:
+      n, tflop, ms, rate, share = row[width:width + 5]
+      assert (f"{n:4d} {tflop:7.2f} {ms:7.2f} {rate:6.0f} {share:5.1%}  "
+              f"{' '.join(row[:width])}\n" in out), row
+
+  (tmp_path / "step.txt").write_text(_HLO)  # Its "conv" call has no dim_labels.
+  (tmp_path / "kernels.jsonl").write_text(json.dumps(
+      {"variant": "other", "kernels": [["sm90_xmma_fprop", "cudnn-conv.1", 0.5, 1]]})
+                                          + "\n")
+  fusion_traffic.main([str(tmp_path / "step.txt"), str(tmp_path / "kernels.jsonl"),
+                       "--variant=other"])
+  out = capsys.readouterr().out  # The uncounted call's time is left out with it.
+  assert ("library calls: 0.0 TFLOP in 0.0 ms per step (0 TFLOP/s); calls left out "
+          "(their HLO gives no FLOP count): 1\n" in out)
+  with pytest.raises(ValueError, match="--variant='absent'.*'other'"):
+    fusion_traffic.main([str(tmp_path / "step.txt"), str(tmp_path / "kernels.jsonl"),
+                         "--variant=absent"])
+
+
 def test_library_calls_of_the_h200_step_match_its_jaxpr():
   """The kept H200 program (bench/results): the FLOPs of its 3×3 cuDNN convolutions,
   as XLA rewrote and split them, against the convolutions of the train step's jaxpr at
