@@ -29,6 +29,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import re
 
 # Bytes per element of the HLO element types.
@@ -57,19 +58,24 @@ def _kernel_name(name: str) -> str:
   return name.replace(".", "_").replace("-", "_")
 
 
+def _instructions(hlo_text: str):
+  """(name, type, opcode, operand names, line) of each instruction in an HLO text."""
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      name, hlo_type, opcode, rest = m.groups()
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      yield name, hlo_type, opcode, operands, line
+
+
 def fusions(hlo_text: str) -> dict:
   """{kernel name: (bytes per launch, JAX op name, result type)} for every fusion (and
   unfused copy or transpose), under its own name and under its deduplicated_name."""
   types, found = {}, {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, hlo_type, opcode, rest = m.groups()
+  for name, hlo_type, opcode, operands, line in _instructions(hlo_text):
     types[name] = hlo_type
     if opcode not in _CHARGED:
       continue
-    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
     op_name = re.search(r'op_name="([^"]*)"', line)
     shared = re.search(r'deduplicated_name="([^"]+)"', line)
     found[name] = (operands, hlo_type, op_name.group(1) if op_name else "",
@@ -126,7 +132,6 @@ def traffic(hlo_text: str, kernels, copy_gbps: float | None = None, top: int = 2
   return record
 
 
-
 # What a custom call computes, from its target; the first match wins.
 _CALL_KINDS = (
     ("attention_backward", r"fmha.*Backward"),
@@ -155,13 +160,6 @@ def _shape(hlo_type: str) -> tuple[str, list[int]]:
   return dtype, [int(d) for d in filter(None, dims.split(","))]
 
 
-def _numel(dims) -> int:
-  count = 1
-  for d in dims:
-    count *= d
-  return count
-
-
 def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple | None:
   """(model FLOPs, dtype, shape key) of one library call, from its HLO types; None
   where the line lacks what the count needs (dim_labels, contracting dimensions).
@@ -174,15 +172,14 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple 
   more).
   """
   if kind.startswith("conv"):
-    labels = re.search(r"dim_labels=\w+_(\w+)->", line)
-    if not labels or len(operands) < 2:
+    filter_labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+    if not filter_labels or len(operands) < 2:
       return None
-    labels = labels.group(1)
     y, w = {"conv_forward": (result, operands[1]),
             "conv_input_grad": (operands[0], operands[1]),
             "conv_weight_grad": (operands[1], result)}[kind]
     (dtype, y), (_, w) = _shape(y), _shape(w)
-    flops = 2 * _numel(y) * _numel(w) // w[labels.index("o")]
+    flops = 2 * math.prod(y) * math.prod(w) // w[filter_labels.group(1).index("o")]
     spatial = "x".join(map(str, y[1:-1]))
     return flops, dtype, f"{spatial} {'x'.join(map(str, w))}"
   if kind == "matmul":
@@ -190,9 +187,9 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple 
     if not contracting or not operands:
       return None
     _, lhs = _shape(operands[0])
-    k = _numel(lhs[int(d.strip('"'))] for d in contracting.group(1).split(",") if d)
+    k = math.prod(lhs[int(d.strip('"'))] for d in contracting.group(1).split(",") if d)
     dtype, out = _shape(result)
-    return 2 * _numel(out) * k, dtype, ""
+    return 2 * math.prod(out) * k, dtype, ""
   # Attention: q, k as the call constrains them ([B, S, N, D]), else as given.
   constrained = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)
   types = (re.findall(r"\w+\[[0-9,]*\]", constrained.group(1)) if constrained
@@ -200,7 +197,7 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple 
   if len(types) < 2:
     return None
   (dtype, q), (_, k) = _shape(types[0]), _shape(types[1])
-  flops = 4 * _numel(q) * k[1] * (2 if kind == "attention_backward" else 1)
+  flops = 4 * math.prod(q) * k[1] * (2 if kind == "attention_backward" else 1)
   return flops, dtype, ""
 
 
@@ -220,17 +217,12 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
   FLOP count (uncounted_calls: their kernels' time is left out too).
   """
   types, calls = {}, {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, hlo_type, opcode, rest = m.groups()
+  for name, hlo_type, opcode, operands, line in _instructions(hlo_text):
     types[name] = hlo_type
     target = re.search(r'custom_call_target="([^"]+)"', line)
     if opcode == "custom-call" and target:
       kind = _first_kind(_CALL_KINDS, target.group(1))
       if kind:
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
         calls[name] = (kind, hlo_type, operands, line)
   counted, uncounted = {}, set()
   for name, (kind, hlo_type, operands, line) in calls.items():
@@ -278,6 +270,7 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
     record["peak_tflops"] = peak_tflops
     record["library_ms_at_peak"] = total_flops / peak * 1e3
   return record
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

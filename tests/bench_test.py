@@ -427,9 +427,8 @@ def test_fusion_traffic_cli_prints_both_reports(tmp_path, capsys):
               f"{' '.join(row[:width])}\n" in out), row
 
   (tmp_path / "step.txt").write_text(_HLO)  # Its "conv" call has no dim_labels.
-  (tmp_path / "kernels.jsonl").write_text(json.dumps(
-      {"variant": "other", "kernels": [["sm90_xmma_fprop", "cudnn-conv.1", 0.5, 1]]})
-                                          + "\n")
+  other = {"variant": "other", "kernels": [["sm90_xmma_fprop", "cudnn-conv.1", 0.5, 1]]}
+  (tmp_path / "kernels.jsonl").write_text(json.dumps(other) + "\n")
   fusion_traffic.main([str(tmp_path / "step.txt"), str(tmp_path / "kernels.jsonl"),
                        "--variant=other"])
   out = capsys.readouterr().out  # The uncounted call's time is left out with it.
@@ -463,7 +462,9 @@ def test_library_calls_of_the_h200_step_match_its_jaxpr():
   hlo_flops = sum(row[4] for row in got["convs_by_shape"] if "x3x3x" in row[2]) * 1e12
 
   config = adm.imagenet64()
-  config.dtype = "bfloat16"  # The run's attention was cuDNN's; its convolutions alike.
+  # As in the run, but with einsum attention (cuDNN's traces on GPUs only), which
+  # leaves the convolutions as they were.
+  config.dtype = "bfloat16"
   tx = train.make_optimizer(gpu._train_config())  # pylint: disable=protected-access
   state = jax.eval_shape(functools.partial(train.init_state, model_config=config, tx=tx),
                          jax.random.key(0))
