@@ -201,7 +201,8 @@ def call_flops(kind: str, result: str, operands: list[str], line: str) -> tuple 
   return flops, dtype, ""
 
 
-def _first_kind(kinds, text):
+def first_kind(kinds, text: str) -> str | None:
+  """The first (kind, regex) pair's kind whose regex is found in text, else None."""
   return next((kind for kind, pattern in kinds if re.search(pattern, text)), None)
 
 
@@ -221,7 +222,7 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
     types[name] = hlo_type
     target = re.search(r'custom_call_target="([^"]+)"', line)
     if opcode == "custom-call" and target:
-      kind = _first_kind(_CALL_KINDS, target.group(1))
+      kind = first_kind(_CALL_KINDS, target.group(1))
       if kind:
         calls[name] = (kind, hlo_type, operands, line)
   counted, uncounted = {}, set()
@@ -247,7 +248,7 @@ def library_calls(hlo_text: str, kernels, peak_tflops: float | None = None,
       by_kind[kind][2] += ms
       if kind.startswith("conv"):
         by_shape[kind, dtype, shape][2] += ms
-    elif kind := _first_kind(_KERNEL_KINDS, kernel.lower()):
+    elif kind := first_kind(_KERNEL_KINDS, kernel.lower()):
       by_kind[kind][2] += ms
   peak = peak_tflops * 1e12 if peak_tflops else None
 

@@ -33,6 +33,7 @@ from jax.experimental.layout import Format, Layout
 import jax.numpy as jnp
 import numpy as np
 
+from bench import fusion_traffic
 from cfg_guidance import models, sampling, train
 from configs import adm
 
@@ -173,11 +174,7 @@ PROFILE_KINDS = (
 
 
 def _kind(op: str, kernel: str) -> str:
-  text = f"{op} {kernel}".lower()
-  for kind, pattern in PROFILE_KINDS:
-    if re.search(pattern, text):
-      return kind
-  return "other"
+  return fusion_traffic.first_kind(PROFILE_KINDS, f"{op} {kernel}".lower()) or "other"
 
 
 def profile_events(profile):
