@@ -34,8 +34,9 @@ setuptools.setup(
     name="cfg_guidance",
     version="0.1.0",
     description="Classifier-free diffusion guidance (Ho & Salimans) in JAX/Flax NNX.",
-    packages=setuptools.find_packages(include=["cfg_guidance", "cfg_guidance.*",
-                                               "configs", "bench"]),
+    # configs/ and bench/ are run from a checkout, not installed (their generic names
+    # would shadow users' own packages).
+    packages=setuptools.find_packages(include=["cfg_guidance", "cfg_guidance.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

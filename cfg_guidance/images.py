@@ -1,11 +1,11 @@
-"""Image grids and PNG files: model outputs in [-1, 1] → uint8 pictures on disk."""
+"""Model outputs in [-1, 1] → uint8 pictures: conversion, grids, PNG files."""
 
 import io
 import os
-import uuid
 
-from etils import epath
 import numpy as np
+
+from cfg_guidance import files
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -33,16 +33,13 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
   return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
-def atomic_write_bytes(path: str | epath.Path, data: bytes) -> None:
-  """Writes via a temporary sibling and a rename, so a reader never sees half a file."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  tmp.replace(path)  # Atomic on POSIX; overwrites an older file.
+def render(samples: np.ndarray, num_cols: int) -> np.ndarray:
+  """[-1, 1] samples [N, H, W, C] → one uint8 grid, enlarged so small images show."""
+  grid = make_grid(to_uint8(samples), num_cols)
+  return upscale(grid, max(1, 32 // samples.shape[1]))
 
 
-def save_png(path: str | epath.Path, image: np.ndarray) -> None:
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Saves a uint8 [H, W, C] (C = 1 or 3) image as PNG, atomically."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   image = np.asarray(image)
@@ -50,11 +47,4 @@ def save_png(path: str | epath.Path, image: np.ndarray) -> None:
     image = image[..., 0]
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def save_npz(path: str | epath.Path, **arrays: np.ndarray) -> None:
-  """Saves arrays as an uncompressed .npz, atomically."""
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  atomic_write_bytes(path, buf.getvalue())
+  files.atomic_write_bytes(path, buf.getvalue())

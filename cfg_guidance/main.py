@@ -19,7 +19,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("cpu_runtime", True,
                   "On CPU (Linux, glibc): run computations inline and keep XLA's scratch "
-                  "memory mapped between steps (cfg_guidance/cpu_runtime.py).")
+                  "memory mapped between steps (runtime/backend.py's configure_cpu).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,22 +33,28 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
 
   import jax  # pylint: disable=g-import-not-at-top
-  from cfg_guidance import cpu_runtime, distributed  # pylint: disable=g-import-not-at-top
+  from cfg_guidance.runtime import backend, distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.cpu_runtime:
-    cpu_runtime.configure()
+    backend.configure_cpu()
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
 
+  # pylint: disable=g-import-not-at-top
+  from cfg_guidance import samples, train
+  from cfg_guidance.evaluation import sweep
+  # pylint: enable=g-import-not-at-top
   if FLAGS.mode == "train":
-    from cfg_guidance import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.workdir)
+    state = train.run(config, FLAGS.workdir)
+    finished = int(state.step) >= config.train.num_steps  # Not stopped by a preemption.
+    if finished and config.train.sample_at_end:
+      samples.run(config, FLAGS.workdir)
+    if finished and config.train.evaluate_at_end:
+      sweep.run(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
-    from cfg_guidance import generate  # pylint: disable=g-import-not-at-top
-    generate.run(config, FLAGS.workdir)
+    samples.run(config, FLAGS.workdir)
   else:
-    from cfg_guidance import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.run(config, FLAGS.workdir)
+    sweep.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

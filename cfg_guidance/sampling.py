@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import diffusion, xla_options
+from cfg_guidance import diffusion
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -102,8 +102,8 @@ def ddim_step(z, x_pred, eps_pred, logsnr, logsnr_next, noise, params):
 STEPS = {"ancestral": ancestral_step, "ddim": ddim_step}
 
 
-@xla_options.jit(
-    static_argnames=("shape", "num_steps", "step_name", "clip_mode", "batched"))
+@functools.partial(
+    jax.jit, static_argnames=("shape", "num_steps", "step_name", "clip_mode", "batched"))
 def _sample_loop(eps_fn, rng, labels, negative_labels, w, logsnr_range, interval,
                  params, percentile, z_init, *, shape, num_steps, step_name, clip_mode,
                  batched):

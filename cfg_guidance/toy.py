@@ -1,159 +1,78 @@
-"""The paper's Figure 2 problem: three isotropic 2-D Gaussians, one per class, exact scores.
+"""The paper's Figure 2: exact guided densities of the three-Gaussian toy problem, and
+samples drawn with exact (and learned) scores.
 
-Render the figure with `python -m cfg_guidance.toy --out fig2.png`.
+Render it with `python -m cfg_guidance.toy --out fig2.png`; the problem itself is
+`cfg_guidance.data.toy2d`.
 """
 
 import argparse
+import io
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import diffusion
-from cfg_guidance import sampling
+from cfg_guidance import files, generate, sampling
+from cfg_guidance.data import toy2d
 
-NUM_CLASSES = 3
-NULL_LABEL = NUM_CLASSES  # ∅: the unconditional mixture.
-# Means on the unit circle, 120° apart; with STD = 0.6 the classes overlap enough that
-# p(c | x) varies smoothly across the plane, which is what guidance acts on.
-MEANS = np.array([[0.0, 1.0],
-                  [-0.5 * np.sqrt(3.0), -0.5],
-                  [0.5 * np.sqrt(3.0), -0.5]], np.float32)
-STD = 0.6
-EXTENT = 3.0  # The figure shows [−EXTENT, EXTENT]².
+def sampler_settings(num_steps: int = 256, **changes) -> generate.Settings:
+  """The toy problem's sampler: 2-D points, nothing to clip, every point in one call."""
+  return generate.Settings(shape=(2,), null_label=toy2d.NULL_LABEL, num_steps=num_steps,
+                           clip_x="none", batch_size=2**20).replace(**changes)
 
 
-def sample_data(seed_or_rng, num):
-  """Draws `num` points with balanced classes (uniform prior; counts differ by <= 1).
-
-  seed_or_rng: an int seed, a `np.random.Generator` or a JAX PRNG key.
-  Returns (x: float32 [num, 2], labels: int32 [num]) as numpy arrays.
-  """
-  if num < 0:
-    raise ValueError(f"num must be >= 0, got {num}.")
-  if isinstance(seed_or_rng, np.random.Generator):
-    gen = seed_or_rng
-  elif isinstance(seed_or_rng, (int, np.integer)):
-    gen = np.random.default_rng(int(seed_or_rng))
-  else:
-    seed = jax.random.randint(seed_or_rng, (), 0, np.iinfo(np.int32).max)
-    gen = np.random.default_rng(int(seed))
-  labels = gen.permutation(np.arange(num) % NUM_CLASSES).astype(np.int32)
-  x = MEANS[labels] + STD * gen.standard_normal((num, 2))
-  return x.astype(np.float32), labels
-
-
-def _component_params(logsnr, means, std):
-  """z_λ | c ~ N(α μ_c, τ² I) with τ² = α² s² + σ². logsnr: [M] -> ([M, C, 2], [M], [M])."""
-  alpha, sigma = diffusion.alpha_sigma(logsnr)
-  return alpha[:, None, None] * means[None], jnp.square(alpha * std) + jnp.square(sigma), sigma
-
-
-@jax.jit
-def log_class_posterior(z, logsnr, *, means=MEANS, std=STD):
-  """log p(c | z_λ) under the uniform prior. z: [M, 2], logsnr: [M] -> [M, C]."""
-  mu, tau2, _ = _component_params(jnp.broadcast_to(logsnr, z.shape[:1]), means, std)
-  logits = -0.5 * jnp.sum(jnp.square(z[:, None] - mu), -1) / tau2[:, None]
-  return jax.nn.log_softmax(logits, axis=-1)
-
-
-@jax.jit
-def exact_eps(z, logsnr, labels, *, means=MEANS, std=STD):
-  """ε*(z, λ, c) = −σ ∇ log p(z_λ | c); label NUM_CLASSES gives the unconditional ε*(z, λ).
-
-  z: [M, 2], logsnr: [M], labels: [M] in [0, NUM_CLASSES]. Usable as `sample`'s eps_fn.
-  """
-  logsnr = jnp.broadcast_to(logsnr, z.shape[:1])
-  mu, tau2, sigma = _component_params(logsnr, means, std)
-  eps_c = (sigma / tau2)[:, None, None] * (z[:, None] - mu)  # [M, C, 2]
-  # The marginal's score is the responsibility-weighted sum of the components' scores.
-  resp = jnp.exp(log_class_posterior(z, logsnr, means=means, std=std))
-  eps_uncond = jnp.einsum("mc,mcd->md", resp, eps_c)
-  cond = jnp.clip(labels, 0, means.shape[0] - 1)
-  eps_cond = jnp.take_along_axis(eps_c, cond[:, None, None], axis=1)[:, 0]
-  return jnp.where((labels == means.shape[0])[:, None], eps_uncond, eps_cond)
-
-
-@jax.jit
-def guided_log_density(x, w, *, means=MEANS, std=STD):
-  """Unnormalized log p(x | c) + w log p(c | x) for every class. x: [G, 2] -> [C, G]."""
-  x = jnp.asarray(x, jnp.float32)
-  inf = jnp.full(x.shape[:1], jnp.inf)  # λ = ∞: the data distribution itself.
-  log_cond = (-0.5 * jnp.sum(jnp.square(x[None] - means[:, None]), -1) / std**2
-              - jnp.log(2 * jnp.pi * std**2))
-  return log_cond + w * log_class_posterior(x, inf, means=means, std=std).T
-
-
-def density_grid(grid_size=200, extent=EXTENT):
-  """Cell-centre grid over [−extent, extent]²: (points [G², 2], axis [G], cell area)."""
-  step = 2 * extent / grid_size
-  axis = -extent + step * (np.arange(grid_size) + 0.5)
-  xx, yy = np.meshgrid(axis, axis)
-  return np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32), axis, step**2
-
-
-def guided_density(w, *, grid_size=200, extent=EXTENT):
-  """The exact guided conditionals p(x|c) p(c|x)^w, each normalized on the grid.
-
-  Returns (densities [C, G, G] in (y, x) order, axis [G]); the mixture with the uniform
-  prior is `densities.mean(0)`. w = 0 is the data mixture itself.
-  """
-  points, axis, area = density_grid(grid_size, extent)
-  log_q = guided_log_density(points, w)
-  log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - np.log(area)
-  return np.asarray(jnp.exp(log_q)).reshape(-1, grid_size, grid_size), axis
-
-
-def guided_samples(eps_fn, rng, weights, num_per_class, **sample_kwargs):
-  """Samples every (w, class) pair in ONE `sample` call: [len(weights), C, n, 2]."""
-  weights = np.asarray(weights, np.float32)
-  labels = np.tile(np.repeat(np.arange(NUM_CLASSES), num_per_class), len(weights))
-  w = np.repeat(weights, NUM_CLASSES * num_per_class)
-  x = sampling.sample(eps_fn, rng, labels.astype(np.int32), shape=(2,), guidance_weight=w,
-                      null_label=NULL_LABEL, **sample_kwargs)
-  return np.asarray(x).reshape(len(weights), NUM_CLASSES, num_per_class, 2)
+def guided_samples(eps_fn, weights: Sequence[float], num_per_class: int, *,
+                   settings: generate.Settings, seed: int = 0) -> np.ndarray:
+  """Samples of every (w, class) pair, drawn together: [len(weights), C, n, 2]."""
+  labels, w = generate.grid_layout(np.repeat(np.arange(toy2d.NUM_CLASSES), num_per_class),
+                                   weights, per_class=1)
+  x = generate.draw(eps_fn, labels, w, settings=settings, seed=seed)
+  return x.reshape(len(weights), toy2d.NUM_CLASSES, num_per_class, 2)
 
 
 def render_figure(path, *, weights: Sequence[float] = (0.0, 1.0, 3.0, 8.0),
                   eps_fns: Mapping[str, sampling.EpsFn] | None = None,
-                  num_per_class=1000, num_steps=256, seed=0, grid_size=200, dpi=80,
-                  panel_inches=3.0, **sample_kwargs):
-  """Writes Figure 2 to `path` (PNG): exact guided densities, then a row of samples per eps_fn.
+                  num_per_class: int = 1000, settings: generate.Settings | None = None,
+                  seed: int = 0, grid_size: int = 200, dpi: int = 80,
+                  panel_inches: float = 3.0) -> None:
+  """Writes Figure 2 to `path` (PNG): exact guided densities, then a row of samples per
+  eps_fn, each row from the same noise (seed).
 
   eps_fns maps a row title to an eps_fn (default: the exact scores); a trainer passes
-  `{"exact": toy.exact_eps, "learned": its_eps_fn}` to compare. The image is
+  `{"exact scores": toy2d.exact_eps, "learned": its_eps_fn}` to compare. `settings`:
+  the sampler (default `sampler_settings()`; a learned model's λ range goes there). The image is
   (1 + len(eps_fns)) * panel_inches * dpi high and len(weights) * panel_inches * dpi wide.
-  `sample_kwargs` go to `sampling.sample` (e.g. the λ range a learned model was trained on).
   """
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
 
   if eps_fns is None:
-    eps_fns = {"exact scores": exact_eps}
+    eps_fns = {"exact scores": toy2d.exact_eps}
+  settings = settings or sampler_settings()
   colors = ("tab:blue", "tab:orange", "tab:green")
   rows, cols = 1 + len(eps_fns), len(weights)
   fig = figure.Figure(figsize=(cols * panel_inches, rows * panel_inches), dpi=dpi,
                       layout="constrained")
   axes = fig.subplots(rows, cols, squeeze=False)
   for j, w in enumerate(weights):
-    densities, axis = guided_density(w, grid_size=grid_size)
+    densities, axis = toy2d.guided_density(w, grid_size=grid_size)
     axes[0, j].pcolormesh(axis, axis, densities.mean(0), cmap="viridis", shading="auto")
     axes[0, j].set_title(f"exact p(x|c) p(c|x)^w, w={w:g}", fontsize=8)
-  rng = jax.random.key(seed)
   for i, (name, eps_fn) in enumerate(eps_fns.items(), start=1):
-    x = guided_samples(eps_fn, jax.random.fold_in(rng, i), weights, num_per_class,
-                       num_steps=num_steps, **sample_kwargs)
+    x = guided_samples(eps_fn, weights, num_per_class, settings=settings, seed=seed)
     for j, w in enumerate(weights):
-      for c in range(NUM_CLASSES):
+      for c in range(toy2d.NUM_CLASSES):
         axes[i, j].scatter(x[j, c, :, 0], x[j, c, :, 1], s=1, alpha=0.4, c=colors[c])
       axes[i, j].set_title(f"{name}, w={w:g}", fontsize=8)
   for ax in axes.ravel():
-    ax.set_xlim(-EXTENT, EXTENT)
-    ax.set_ylim(-EXTENT, EXTENT)
+    ax.set_xlim(-toy2d.EXTENT, toy2d.EXTENT)
+    ax.set_ylim(-toy2d.EXTENT, toy2d.EXTENT)
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.savefig(path, dpi=dpi)
+  if jax.process_index() == 0:  # Every process drew the samples (a collective).
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    files.atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv=None):
@@ -165,7 +84,7 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   render_figure(args.out, weights=args.weights, num_per_class=args.num_per_class,
-                num_steps=args.num_steps, seed=args.seed)
+                settings=sampler_settings(args.num_steps), seed=args.seed)
   print(f"Wrote {args.out}")
 
 

@@ -1,41 +1,32 @@
 """Algorithm 1: joint conditional/unconditional training, sharded with `jax.jit` on a mesh.
 
-The train state is a plain pytree (parameters as nested dicts); the network's NNX graph
-definition stays outside every jit boundary. Randomness for step s is
-`fold_in(root, s)`, so a resumed run draws exactly what an uninterrupted one would.
+Randomness for step s is `fold_in(root, s)`, so a resumed run draws exactly what an
+uninterrupted one would. `run` trains (resuming from the workdir), logs metrics and
+writes EMA sample grids; `main` sequences the sampling and evaluation after it.
 """
 
-import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Callable
 
 from etils import epath
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from cfg_guidance import checkpointing, diffusion, input_pipeline, models, sharding
-from cfg_guidance import config_checks, grids, preemption, xla_options
+from cfg_guidance import config as config_lib
+from cfg_guidance import diffusion, generate, images, state as state_lib
+from cfg_guidance.data import pipeline
+from cfg_guidance.models import eps
+from cfg_guidance.runtime import backend, checkpointing, preemption, sharding
+
+TrainState = state_lib.TrainState
 
 
 class NonFiniteError(RuntimeError):
   """Too many consecutive updates had a non-finite loss or gradient."""
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-  step: jax.Array  # int32 [], optimizer steps taken (skipped ones included).
-  params: Any  # Nested dict of float32 arrays.
-  ema_params: Any  # Same structure: the exponential moving average used for sampling.
-  opt_state: Any
-  num_nonfinite: jax.Array  # int32 [], updates skipped for a non-finite loss/gradient.
-  consecutive_nonfinite: jax.Array  # int32 [], skipped in a row up to this step.
 
 
 def make_lr(train_config) -> optax.Schedule:
@@ -49,72 +40,12 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
   lr = make_lr(train_config)
   if train_config.optimizer == "adam":
     opt = optax.adam(lr, b1=train_config.b1, b2=train_config.b2)
-  else:  # "adamw"; config_checks rejects anything else.
+  else:  # "adamw"; config.check_train rejects anything else.
     opt = optax.adamw(lr, b1=train_config.b1, b2=train_config.b2,
                       weight_decay=train_config.weight_decay)
   clip = (optax.clip_by_global_norm(train_config.grad_clip_norm)
           if train_config.grad_clip_norm > 0 else optax.identity())
   return optax.chain(clip, opt)
-
-
-def model_graphdef(model_config) -> nnx.GraphDef:
-  """The network's static structure, built without allocating parameters."""
-  abstract = nnx.eval_shape(lambda: models.create(model_config, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract, nnx.Param)
-  return graphdef
-
-
-def init_state(rng: jax.Array, *, model_config, tx: optax.GradientTransformation
-               ) -> TrainState:
-  model = models.create(model_config, rngs=nnx.Rngs(params=rng))
-  params = nnx.state(model, nnx.Param).to_pure_dict()
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, ema_params=params,
-                    opt_state=tx.init(params), num_nonfinite=zero,
-                    consecutive_nonfinite=zero)
-
-
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       tx: optax.GradientTransformation
-                       ) -> tuple[nnx.GraphDef, TrainState, Any]:
-  """Creates the state already sharded: shapes → shardings → jitted init."""
-  graphdef = model_graphdef(config.model)
-  init = functools.partial(init_state, model_config=config.model, tx=tx)
-  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.param_shardings(abstract, mesh, fsdp=config.sharding.fsdp,
-                                       min_size=config.sharding.fsdp_min_size)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return graphdef, state, shardings
-
-
-def apply_model(graphdef: nnx.GraphDef, params: Any, z: jax.Array, logsnr: jax.Array,
-                labels: jax.Array, *, train: bool = False,
-                dropout_rng: jax.Array | None = None) -> jax.Array:
-  """The network's raw output (ε or v, per the config's parameterization)."""
-  model = nnx.merge(graphdef, params)
-  rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
-  return model(z, logsnr, labels, train=train, rngs=rngs)
-
-
-def eps_from_output(output, z, logsnr, parameterization: str):
-  """ε from the network output: identity for ε-prediction, ε = σ z + α v for v."""
-  if parameterization == "eps":
-    return output
-  return diffusion.predict_eps_from_v(z, output, logsnr)
-
-
-def make_eps_fn(graphdef: nnx.GraphDef, parameterization: str) -> Callable:
-  """`eps_fn(params, z, logsnr, labels)`; bind params with `jax.tree_util.Partial`.
-
-  Create it once per run: the sampler's compilation cache is keyed on this function.
-  """
-
-  def eps_fn(params, z, logsnr, labels):
-    out = apply_model(graphdef, params, z, logsnr, labels)
-    return eps_from_output(out, z, logsnr, parameterization)
-
-  return eps_fn
 
 
 def loss_fn(params, graphdef, batch, rng, *, diffusion_config, null_label):
@@ -125,14 +56,14 @@ def loss_fn(params, graphdef, batch, rng, *, diffusion_config, null_label):
   labels = jnp.where(drop, null_label, labels)
   logsnr = diffusion.sample_logsnr(k_logsnr, labels.shape, diffusion_config["logsnr_min"],
                                    diffusion_config["logsnr_max"])
-  eps = jax.random.normal(k_eps, x.shape, x.dtype)
-  z = diffusion.diffuse(x, eps, logsnr)
-  output = apply_model(graphdef, params, z, logsnr, labels, train=True,
-                       dropout_rng=k_dropout)
+  noise = jax.random.normal(k_eps, x.shape, x.dtype)
+  z = diffusion.diffuse(x, noise, logsnr)
+  output = eps.apply(graphdef, params, z, logsnr, labels, train=True,
+                     dropout_rng=k_dropout)
   if diffusion_config["parameterization"] == "v":
-    target = diffusion.v_target(x, eps, logsnr)
+    target = diffusion.v_target(x, noise, logsnr)
   else:
-    target = eps
+    target = noise
   return jnp.mean(diffusion.eps_loss(output, target))
 
 
@@ -166,15 +97,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_c
 
 
 def multi_step(state: TrainState, batches: dict, **kwargs) -> tuple[TrainState, dict]:
-  """Several optimizer steps in one dispatch over batches stacked on axis 0.
-
-  A `lax.scan` on accelerators; on CPU a Python loop (unrolled in the program), since
-  XLA:CPU runs convolution gradients inside a while loop ~40x slower than outside one
-  (measured: 52 s vs 1.3 s for the digits U-Net's gradient).
-  """
+  """Several optimizer steps in one dispatch over batches stacked on axis 0: a
+  `lax.scan`, or a loop unrolled in the program where the backend wants that."""
   step_fn = functools.partial(train_step, **kwargs)
   num = jax.tree.leaves(batches)[0].shape[0]
-  if num > 1 and jax.default_backend() != "cpu":
+  if num > 1 and not backend.fast_paths().unroll_steps:
     return jax.lax.scan(step_fn, state, batches)
   metrics = []
   for i in range(num):
@@ -193,7 +120,7 @@ def make_train_fn(config, graphdef, tx, state_shardings, mesh):
   batch_sharding = sharding.data_sharding(mesh, leading_axes=1)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0, compiler_options=xla_options.compiler_options())
+                 donate_argnums=0, compiler_options=backend.compiler_options())
 
 
 def next_stack(data_iter, num: int) -> dict:
@@ -206,55 +133,75 @@ def _crossed(prev: int, step: int, every: int) -> bool:
   return every > 0 and step // every > prev // every
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Trains (resuming from `workdir` if it holds a checkpoint) and writes grids/metrics.
+def run(config: ml_collections.ConfigDict, workdir: str,
+        mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Trains to config.train.num_steps, resuming from `workdir` if it holds a checkpoint.
 
-  `mesh` defaults to every device of every process on one `data` axis.
+  Returns the final state, or the state saved at a preemption notice (then its step is
+  below num_steps). `mesh` defaults to every device of every process on one `data` axis.
   """
   # clu imports TensorFlow (~5 s): only the training loop needs it.
   from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
   mesh = mesh or sharding.create_mesh()
-  config_checks.check_train_config(config, workdir, num_devices=mesh.size)
+  config_lib.check_train(config, workdir, num_devices=mesh.size)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   tx = make_optimizer(config.train)
-  graphdef, state, state_shardings = create_train_state(config, mesh, tx)
+  state, state_shardings = state_lib.create(config.model, config.sharding,
+                                            seed=config.seed, mesh=mesh, tx=tx)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  data_iter = input_pipeline.create_dataset(
+  data_iter = pipeline.create_dataset(
       config.data, global_batch_size=config.train.batch_size, seed=config.seed)
   if ckpt.latest_step() is not None:
-    restored_step, state, data_state = ckpt.restore(checkpointing.abstract_like(state))
+    restored_step, state, data_state = state_lib.restore(ckpt, state)
     data_iter.set_state(data_state)
     logging.info("Resumed from %s.", ckpt.step_path(restored_step))
   else:
     parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
   writer.write_hparams(_flat_hparams(config.to_dict()))
 
+  graphdef = eps.graphdef(config.model)
   train_fn = make_train_fn(config, graphdef, tx, state_shardings, mesh)
-  eps_fn = make_eps_fn(graphdef, config.diffusion.parameterization)
+  grid = _grid_writer(config, workdir, writer, graphdef, mesh)
   watcher = preemption.PreemptionWatcher()
   try:
-    state, finished = _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher,
-                                  state, train_fn, eps_fn)
+    state = _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
+                        grid)
   finally:
     watcher.close()
     ckpt.wait_until_finished()
     writer.flush()
-  if finished and config.train.sample_at_end:
-    from cfg_guidance import generate  # pylint: disable=g-import-not-at-top
-    generate.run(config, str(workdir))
-  if finished and config.train.evaluate_at_end:
-    from cfg_guidance import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.run(config, str(workdir))
   return state
 
 
-def _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
-                eps_fn) -> tuple[TrainState, bool]:
-  """Steps until `train.num_steps` (→ finished) or a preemption notice (→ saved, not)."""
+def _grid_writer(config, workdir, writer, graphdef, mesh):
+  """`grid(ema_params, step)`: EMA samples for config.grid at a fixed seed → TensorBoard
+  and workdir/grids/ (classes across, guidance weights down, Figs. 6–8). None for
+  models that make no images."""
+  if config.model.name != "unet":
+    return None
+  g = config.grid
+  labels, w = generate.grid_layout(g.classes, g.guidance_weights, g.samples_per_class)
+  settings = generate.settings_from_config(config, num_steps=g.num_steps,
+                                           batch_size=len(labels))
+  eps_fn = eps.make_eps_fn(graphdef, config.diffusion.parameterization)
+
+  def grid(ema_params, step):
+    x = generate.draw(jax.tree_util.Partial(eps_fn, ema_params), labels, w,
+                      settings=settings, seed=g.seed, mesh=mesh)
+    picture = images.render(x, len(g.classes))
+    writer.write_images(step, {"ema_samples": picture[None]})
+    if jax.process_index() == 0:
+      images.save_png(workdir / "grids" / f"step_{step:08d}.png", picture)
+
+  return grid
+
+
+def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
+                grid) -> TrainState:
+  """Steps until `train.num_steps`, or a preemption notice (then saves and returns)."""
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   k, num_steps = config.train.steps_per_dispatch, config.train.num_steps
   step = int(state.step)
@@ -280,8 +227,8 @@ def _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher, state, 
       scalars["num_nonfinite"] = int(state.num_nonfinite)
       writer.write_scalars(step, scalars)
       t_log, step_log = time.time(), step
-    if _crossed(prev, step, config.train.sample_every) and grids.can_render(config):
-      grids.write_training_grid(config, workdir, writer, eps_fn, state.ema_params, step)
+    if grid is not None and _crossed(prev, step, config.train.sample_every):
+      grid(state.ema_params, step)
     preempted = watcher.reached(step)
     if (_crossed(prev, step, config.train.checkpoint_every) or step >= num_steps
         or preempted):
@@ -289,10 +236,10 @@ def _train_loop(config, workdir, mesh, writer, ckpt, data_iter, watcher, state, 
                 force=preempted)
     if preempted:
       logging.warning("Preempted: saved step %d to %s; exiting.", step, ckpt.step_path(step))
-      return state, False
+      return state
   _check_finite(history[-1] if history else None, step,
                 config.train.max_consecutive_nonfinite, ckpt)
-  return state, True
+  return state
 
 
 def _check_finite(metrics: dict | None, step: int, limit: int, ckpt) -> None:
@@ -328,20 +275,3 @@ def _summarize(history: list[dict]) -> dict:
   return {"loss": float(loss[finite].mean()) if finite.any() else float("nan"),
           "grad_norm": float(grad_norm[finite].mean()) if finite.any() else float("nan"),
           "skipped_updates": int(skipped.sum())}
-
-
-def restore_ema_params(config: ml_collections.ConfigDict, workdir: str,
-                       step: int | None = None, mesh=None) -> tuple[int, nnx.GraphDef, Any]:
-  """(step, graphdef, EMA params) of a checkpoint: the latest, or `step`."""
-  mesh = mesh or sharding.create_mesh()
-  tx = make_optimizer(config.train)
-  graphdef = model_graphdef(config.model)
-  init = functools.partial(init_state, model_config=config.model, tx=tx)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.param_shardings(abstract, mesh, fsdp=config.sharding.fsdp,
-                                       min_size=config.sharding.fsdp_min_size)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  ckpt = checkpointing.Checkpointer(workdir, create=False)
-  restored_step, state, _ = ckpt.restore(abstract, step=step)
-  return restored_step, graphdef, state.ema_params

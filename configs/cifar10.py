@@ -3,15 +3,15 @@
   python -m cfg_guidance.main --config=configs/cifar10.py --workdir=gs://BUCKET/cifar10
 """
 
-from configs import adm, default
+from cfg_guidance import config as config_lib
+from cfg_guidance.models import presets
 
 
 def get_config():
-  config = default.get_config()
+  config = config_lib.get_config()
   config.data.name = "cifar10"
-  config.data.image_size = 32
   config.data.random_flip = True
-  config.model = adm.cifar10()
+  config_lib.use_model(config, presets.cifar10())
   config.diffusion.p_uncond = 0.1
   t = config.train
   t.num_steps = 400_000

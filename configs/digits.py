@@ -3,14 +3,14 @@
   python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits
 """
 
-from configs import adm, default
+from cfg_guidance import config as config_lib
+from cfg_guidance.models import presets
 
 
 def get_config():
-  config = default.get_config()
+  config = config_lib.get_config()
   config.data.name = "digits"
-  config.data.image_size = 8
-  config.model = adm.digits()
+  config_lib.use_model(config, presets.digits())
   config.diffusion.p_uncond = 0.1
   t = config.train
   t.num_steps = 3000

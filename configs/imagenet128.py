@@ -6,13 +6,15 @@ rate, length and sampler variance.
   python -m cfg_guidance.main --config=configs/imagenet128.py --workdir=gs://BUCKET/in128
 """
 
-from configs import adm, imagenet64
+import os
+
+from cfg_guidance import config as config_lib
+from cfg_guidance.models import presets
 
 
 def get_config():
-  config = imagenet64.get_config("0.1")
-  config.data.image_size = 128
-  config.model = adm.imagenet128()
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "imagenet64.py"))
+  config_lib.use_model(config, presets.imagenet128())
   config.train.num_steps = 2_700_000
   config.train.batch_size = 256
   config.train.learning_rate = 1e-4

@@ -5,15 +5,15 @@ p_uncond variants: --config=configs/imagenet64.py:0.2 (or :0.5); default 0.1.
   python -m cfg_guidance.main --config=configs/imagenet64.py --workdir=gs://BUCKET/in64
 """
 
-from configs import adm, default
+from cfg_guidance import config as config_lib
+from cfg_guidance.models import presets
 
 
 def get_config(p_uncond: str = "0.1"):
-  config = default.get_config()
+  config = config_lib.get_config()
   config.data.name = "imagenet2012"
-  config.data.image_size = 64
   config.data.random_flip = False
-  config.model = adm.imagenet64()
+  config_lib.use_model(config, presets.imagenet64())
   config.diffusion.logsnr_min = -20.0
   config.diffusion.logsnr_max = 20.0
   config.diffusion.p_uncond = float(p_uncond)

@@ -3,14 +3,15 @@
   python -m cfg_guidance.main --config=configs/toy2d.py --workdir=/tmp/cfg_toy2d
 """
 
-from configs import adm, default
+from cfg_guidance import config as config_lib
+from cfg_guidance.models import presets
 
 
 def get_config():
-  config = default.get_config()
+  config = config_lib.get_config()
   config.data.name = "toy2d"
   config.data.image_size = 0  # Points, not images.
-  config.model = adm.toy_mlp()
+  config_lib.use_model(config, presets.toy_mlp())
   config.diffusion.p_uncond = 0.1
   # x̃ = (z − σ ε̂)/α multiplies the network's error by 1/α: 22,026 at λ = −20, 148 at
   # −10. Images clip x̃ to [−1, 1]; points have no such range, so the toy keeps λ ≥ −10,

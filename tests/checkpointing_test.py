@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfg_guidance import checkpointing
+from cfg_guidance.runtime import checkpointing
 
 
 def _state(value):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import sklearn.datasets
 
-from cfg_guidance import classifier
-from cfg_guidance import metrics
+from cfg_guidance.evaluation import classifier
+from cfg_guidance.evaluation import metrics
 
 
 @pytest.fixture(scope="module")

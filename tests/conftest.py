@@ -21,6 +21,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 # Computations inline, XLA's scratch memory kept mapped between calls: what the CLI does.
-from cfg_guidance import cpu_runtime  # noqa: E402
+from cfg_guidance.runtime import backend  # noqa: E402
 
-cpu_runtime.configure(backend="cpu")
+backend.configure_cpu(backend="cpu")

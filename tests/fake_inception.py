@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cfg_guidance import inception
+from cfg_guidance.evaluation import inception
 
 DIM, CLASSES = inception.FEATURE_DIM, inception.NUM_LOGITS
 

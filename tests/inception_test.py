@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cfg_guidance import inception
+from cfg_guidance.evaluation import inception
 import fake_inception
 
 DIM, CLASSES = inception.FEATURE_DIM, inception.NUM_LOGITS

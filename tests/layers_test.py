@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 
 from cfg_guidance.models import layers
+from cfg_guidance.runtime import kernels
 
 
 def _np_group_norm(x, scale, bias, groups, eps=1e-5):
@@ -104,7 +105,7 @@ def test_dropout_rate_and_inverted_scale(rate, backend, monkeypatch):
   # The mask is the promised generator's: its first 16-bit half-words against the
   # threshold (little-endian halves of each word), written out here in numpy.
   num_words = (out.size + 1) // 2
-  words = np.asarray(layers.counter_hash_bits(key, num_words) if backend != "tpu"
+  words = np.asarray(kernels.counter_hash_bits(key, num_words) if backend != "tpu"
                      else jax.random.bits(key, (num_words,), jnp.uint32), np.uint32)
   halves = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:out.size]
   np.testing.assert_array_equal(out != 0, (halves >= threshold).reshape(shape))
@@ -139,7 +140,7 @@ def test_counter_hash_bits_match_numpy_and_look_uniform():
   key = jax.random.wrap_key_data(
       jnp.asarray([0xDEADBEEF, 7, 1, 2], jnp.uint32), impl="rbg")
   n = 1 << 20
-  words = np.asarray(jax.jit(layers.counter_hash_bits, static_argnums=1)(key, n))
+  words = np.asarray(jax.jit(kernels.counter_hash_bits, static_argnums=1)(key, n))
   seed = np.uint32(0x9E3779B9)
   for word in (0xDEADBEEF, 7, 1, 2):
     seed = _np_hash32(seed ^ np.uint32(word))
@@ -172,7 +173,7 @@ def test_counter_hash_bits_of_nearby_keys_are_uncorrelated(second):
   if second(key).dtype != key.dtype:  # The threefry pair.
     key = jax.random.key(0)
   n = 1 << 18
-  a, b = (np.asarray(layers.counter_hash_bits(k, n)).view(np.uint16).astype(np.float64)
+  a, b = (np.asarray(kernels.counter_hash_bits(k, n)).view(np.uint16).astype(np.float64)
           for k in (key, second(key)))
   # Same halves, or the second shifted by one word, as a shifted first stage would be.
   for x, y in [(a, b), (a[2:], b[:-2])]:
@@ -184,7 +185,7 @@ def test_counter_hash_bits_of_nearby_keys_are_uncorrelated(second):
 
 def test_counter_hash_bits_refuses_more_than_2_to_the_32_words():
   with pytest.raises(ValueError, match="at most 2\\^32 - 1 words"):
-    layers.counter_hash_bits(jax.random.key(0), 2**32)
+    kernels.counter_hash_bits(jax.random.key(0), 2**32)
 
 
 def test_dropout_is_identity_without_key_or_rate():

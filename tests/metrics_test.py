@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from cfg_guidance import metrics
+from cfg_guidance.evaluation import metrics
 
 
 def _random_cov(rng, dim, scale=1.0):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfg_guidance import models
-from configs import adm
+from cfg_guidance.models import presets
 import model_helpers
 
 K = 3  # Classes; label K is ∅.
@@ -147,7 +147,7 @@ def test_toy_preset_parameter_count():
   h = 256
   blocks = 3 * (2 * h + (h * h + h) + (h * 2 * h + 2 * h) + 2 * h + (h * h + h))
   count = ((h * h + h) * 2 + 4 * h + (2 * h + h) + blocks + 2 * h + (h * 2 + 2))
-  abstract = nnx.eval_shape(lambda: models.create(adm.toy_mlp(), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.create(presets.toy_mlp(), rngs=nnx.Rngs(0)))
   assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract))) == count
 
 

@@ -13,9 +13,9 @@ import pytest
 from scipy import special
 
 from cfg_guidance import sampling
-from cfg_guidance import toy
+from cfg_guidance.data import toy2d
 
-C = toy.NUM_CLASSES
+C = toy2d.NUM_CLASSES
 
 
 # ---- float64 numpy reference -------------------------------------------------------------
@@ -33,8 +33,8 @@ def np_schedule(num_steps, logsnr_min=-20.0, logsnr_max=20.0):
 def np_eps(z, logsnr, labels):
   """ε* of the mixture: z | c ~ N(α μ_c, (α² s² + σ²) I); ∅ = C through p(c | z)."""
   alpha2, sigma2 = np_alpha2(logsnr), np_alpha2(-logsnr)
-  tau2 = alpha2 * toy.STD**2 + sigma2
-  diff = z[:, None, :] - np.sqrt(alpha2) * toy.MEANS.astype(np.float64)[None]
+  tau2 = alpha2 * toy2d.STD**2 + sigma2
+  diff = z[:, None, :] - np.sqrt(alpha2) * toy2d.MEANS.astype(np.float64)[None]
   eps_c = np.sqrt(sigma2) * diff / tau2
   resp = special.softmax(-0.5 * np.sum(diff**2, -1) / tau2, axis=1)
   eps_u = np.einsum("mc,mcd->md", resp, eps_c)
@@ -94,7 +94,7 @@ def moments(x, n):
 
 def run(labels, w, num_steps, seed=0, **kwargs):
   kwargs.setdefault("null_label", C)
-  return np.asarray(sampling.sample(toy.exact_eps, jax.random.key(seed), labels, shape=(2,),
+  return np.asarray(sampling.sample(toy2d.exact_eps, jax.random.key(seed), labels, shape=(2,),
                                     guidance_weight=w, num_steps=num_steps, **kwargs))
 
 
@@ -107,10 +107,10 @@ def test_unguided_samples_match_the_components_and_improve_with_steps():
   for num_steps in (8, 64, 512):
     mean, std = moments(run(labels, 0.0, num_steps, seed=num_steps), n)
     # Averaged over classes and axes; its Monte-Carlo error is s / sqrt(12 n) ≈ 0.002.
-    std_bias.append(abs(np.mean(std - toy.STD)))
-  se_mean, se_std = toy.STD / np.sqrt(n), toy.STD / np.sqrt(2 * n)
-  assert np.all(np.abs(mean - toy.MEANS) < 5 * se_mean), mean
-  assert np.all(np.abs(std - toy.STD) < 5 * se_std), std
+    std_bias.append(abs(np.mean(std - toy2d.STD)))
+  se_mean, se_std = toy2d.STD / np.sqrt(n), toy2d.STD / np.sqrt(2 * n)
+  assert np.all(np.abs(mean - toy2d.MEANS) < 5 * se_mean), mean
+  assert np.all(np.abs(std - toy2d.STD) < 5 * se_std), std
   # The discretization error (≈ 0.12, 0.02, 0.003) falls with T.
   assert std_bias[0] > 2 * std_bias[1] and std_bias[1] > 2 * std_bias[2], std_bias
 
@@ -143,7 +143,7 @@ def test_guided_moments_match_float64_algorithm2(sampler):
 
 def poisoned_uncond_eps(z, logsnr, labels):
   """exact_eps with a wrong unconditional branch: at w = 0 it must not matter."""
-  return toy.exact_eps(z, logsnr, labels) + 100.0 * (labels == C)[:, None]
+  return toy2d.exact_eps(z, logsnr, labels) + 100.0 * (labels == C)[:, None]
 
 
 def test_w0_is_the_conditional_sampler():
@@ -207,7 +207,7 @@ def test_no_retrace_across_weights_labels_seeds_and_params():
 
   def eps_fn(scale, z, logsnr, labels):
     traces.append(1)
-    return scale * toy.exact_eps(z, logsnr, labels)
+    return scale * toy2d.exact_eps(z, logsnr, labels)
 
   n = 12
   call = functools.partial(sampling.sample, shape=(2,), null_label=C, num_steps=4)
@@ -234,7 +234,7 @@ def test_sample_inside_jit_matches_eager():
 
   @jax.jit
   def sample_in_jit(rng, labels, w):
-    return sampling.sample(toy.exact_eps, rng, labels, shape=(2,), guidance_weight=w,
+    return sampling.sample(toy2d.exact_eps, rng, labels, shape=(2,), guidance_weight=w,
                            null_label=C, num_steps=16)
 
   np.testing.assert_allclose(sample_in_jit(jax.random.key(2), labels, w),
@@ -262,13 +262,13 @@ def test_bad_input_raises_naming_the_argument(kwargs, name):
   args = {"labels": np.array([0, 3], np.int32), "guidance_weight": 1.0, "num_steps": 2}
   args.update(kwargs)
   with pytest.raises(ValueError, match=name):
-    sampling.sample(toy.exact_eps, jax.random.key(0), args.pop("labels"), shape=(2,),
+    sampling.sample(toy2d.exact_eps, jax.random.key(0), args.pop("labels"), shape=(2,),
                     null_label=C, **args)
 
 
 def test_unknown_option_raises():
   with pytest.raises(TypeError, match="guidance_scale"):
-    sampling.sample(toy.exact_eps, jax.random.key(0), np.zeros(2, np.int32), shape=(2,),
+    sampling.sample(toy2d.exact_eps, jax.random.key(0), np.zeros(2, np.int32), shape=(2,),
                     guidance_weight=1.0, null_label=C, guidance_scale=2.0)
 
 
@@ -276,11 +276,11 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   """With one key per example, a sample is the same whether drawn alone or in a batch."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(5), jnp.arange(6))
   labels = jnp.array([0, 1, 2, 0, 1, 2])
-  kwargs = dict(shape=(2,), guidance_weight=1.5, null_label=toy.NULL_LABEL, num_steps=16)
-  full = sampling.sample(toy.exact_eps, keys, labels, **kwargs)
-  part = sampling.sample(toy.exact_eps, keys[2:5], labels[2:5], **kwargs)
+  kwargs = dict(shape=(2,), guidance_weight=1.5, null_label=toy2d.NULL_LABEL, num_steps=16)
+  full = sampling.sample(toy2d.exact_eps, keys, labels, **kwargs)
+  part = sampling.sample(toy2d.exact_eps, keys[2:5], labels[2:5], **kwargs)
   np.testing.assert_allclose(np.asarray(part), np.asarray(full[2:5]), rtol=1e-6, atol=1e-6)
-  other = sampling.sample(toy.exact_eps, keys[::-1], labels, **kwargs)
+  other = sampling.sample(toy2d.exact_eps, keys[::-1], labels, **kwargs)
   assert not np.allclose(np.asarray(other), np.asarray(full))
   with pytest.raises(ValueError, match="rng"):
-    sampling.sample(toy.exact_eps, keys[:4], labels, **kwargs)
+    sampling.sample(toy2d.exact_eps, keys[:4], labels, **kwargs)

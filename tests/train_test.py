@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from cfg_guidance import checkpointing, generate, input_pipeline, sharding, train
+from cfg_guidance import samples, train
+from cfg_guidance import state as state_lib
+from cfg_guidance.data import pipeline
+from cfg_guidance.runtime import checkpointing, sharding
 from configs import digits
 
 
@@ -29,7 +32,8 @@ def tiny_config(**train_overrides):
 def restored_state(config, workdir, step=None):
   mesh = sharding.create_mesh(jax.devices()[:1])
   tx = train.make_optimizer(config.train)
-  _, state, _ = train.create_train_state(config, mesh, tx)
+  state, _ = state_lib.create(config.model, config.sharding, seed=config.seed, mesh=mesh,
+                              tx=tx)
   ckpt = checkpointing.Checkpointer(workdir, create=False)
   return ckpt.restore(checkpointing.abstract_like(state), step=step)[1]
 
@@ -43,7 +47,7 @@ def assert_trees_equal(a, b):
 def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   config = tiny_config()
-  state = train.train_and_evaluate(config, str(workdir))
+  state = train.run(config, str(workdir))
   return config, workdir, state
 
 
@@ -72,8 +76,8 @@ def _scalar(event):
 def test_exact_resume_is_bit_identical(tiny_run, tmp_path):
   config, workdir, _ = tiny_run
   half = tiny_config(num_steps=12)
-  train.train_and_evaluate(half, str(tmp_path))
-  train.train_and_evaluate(tiny_config(), str(tmp_path))  # Resumes at 12, runs to 24.
+  train.run(half, str(tmp_path))
+  train.run(tiny_config(), str(tmp_path))  # Resumes at 12, runs to 24.
   assert_trees_equal(restored_state(config, workdir, 24),
                      restored_state(config, tmp_path, 24))
 
@@ -82,9 +86,9 @@ def test_exact_resume_is_bit_identical(tiny_run, tmp_path):
 def test_one_and_eight_devices_agree(tmp_path, fsdp):
   config = tiny_config(num_steps=6, checkpoint_every=6, sample_every=0, log_every=3)
   config.sharding.fsdp, config.sharding.fsdp_min_size = fsdp, 64
-  one = train.train_and_evaluate(config, str(tmp_path / "one"),
+  one = train.run(config, str(tmp_path / "one"),
                                  mesh=sharding.create_mesh(jax.devices()[:1]))
-  eight = train.train_and_evaluate(config, str(tmp_path / "eight"),
+  eight = train.run(config, str(tmp_path / "eight"),
                                    mesh=sharding.create_mesh(jax.devices()[:8]))
   if fsdp:  # Some parameters really are split over the 8 devices.
     specs = [x.sharding.spec for x in jax.tree.leaves(eight.params)]
@@ -97,7 +101,7 @@ def test_one_and_eight_devices_agree(tmp_path, fsdp):
 
 def _poison(monkeypatch, bad_positions):
   """Makes the batches at the given positions of the data stream all-NaN."""
-  create = input_pipeline.create_dataset
+  create = pipeline.create_dataset
 
   class Poisoned:
     def __init__(self, inner):
@@ -116,14 +120,14 @@ def _poison(monkeypatch, bad_positions):
     def set_state(self, state):
       self.inner.set_state(state)
 
-  monkeypatch.setattr(input_pipeline, "create_dataset",
+  monkeypatch.setattr(pipeline, "create_dataset",
                       lambda *a, **k: Poisoned(create(*a, **k)))
 
 
 def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
   _poison(monkeypatch, {3})
   config = tiny_config(num_steps=6, checkpoint_every=6, sample_every=0, log_every=3)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.run(config, str(tmp_path))
   assert int(state.num_nonfinite) == 1 and int(state.step) == 6
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -133,7 +137,7 @@ def test_repeated_nans_stop_training_and_keep_checkpoint(tmp_path, monkeypatch):
   config = tiny_config(num_steps=20, checkpoint_every=5, sample_every=0, log_every=5,
                        max_consecutive_nonfinite=3)
   with pytest.raises(train.NonFiniteError, match=r"3 consecutive .* step"):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.run(config, str(tmp_path))
   state = restored_state(config, tmp_path)
   assert int(state.step) == 5
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -141,7 +145,7 @@ def test_repeated_nans_stop_training_and_keep_checkpoint(tmp_path, monkeypatch):
 
 def test_sample_mode_writes_documented_npz(tiny_run):
   config, workdir, _ = tiny_run
-  paths = generate.run(config, str(workdir))
+  paths = samples.run(config, str(workdir))
   assert [p.name for p in paths] == ["step_24_w0.npz", "step_24_w2.npz"]
   with np.load(paths[1], allow_pickle=False) as f:
     assert f["images"].dtype == np.uint8 and f["images"].shape == (6, 8, 8, 1)
@@ -149,7 +153,7 @@ def test_sample_mode_writes_documented_npz(tiny_run):
     np.testing.assert_array_equal(f["guidance_weight"], 2.0)
     first = f["images"].copy()
   assert paths[1].with_suffix(".png").exists()
-  again = generate.run(config, str(workdir))
+  again = samples.run(config, str(workdir))
   with np.load(again[1], allow_pickle=False) as f:
     np.testing.assert_array_equal(f["images"], first)
 
@@ -164,7 +168,7 @@ def test_bad_configs_fail_before_compute(tmp_path, field, value, match):
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    train.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
@@ -172,7 +176,7 @@ def test_unwritable_workdir_is_named(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="--workdir"):
-    train.train_and_evaluate(tiny_config(), str(blocker / "sub"))
+    train.run(tiny_config(), str(blocker / "sub"))
 
 
 def test_toy2d_trains_and_draws_fig2_with_the_learned_model(tmp_path):
@@ -182,8 +186,9 @@ def test_toy2d_trains_and_draws_fig2_with_the_learned_model(tmp_path):
   t = config.train
   t.num_steps, t.batch_size, t.log_every, t.checkpoint_every = 20, 64, 10, 20
   config.sample.num_samples, config.sample.num_steps = 30, 8
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.run(config, str(tmp_path))
   assert int(state.step) == 20
+  samples.run(config, str(tmp_path))  # What main runs next (toy2d's sample_at_end).
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(tmp_path / "samples" / "step_20_fig2.png") as image:
     # Three rows (exact densities, exact-score samples, learned samples) × three weights.

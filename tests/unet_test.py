@@ -12,7 +12,7 @@ import pytest
 from cfg_guidance import models
 from cfg_guidance.models import layers
 from cfg_guidance.models import unet
-from configs import adm
+from cfg_guidance.models import presets
 from layers_test import _np_group_norm as _gn  # The float64 GroupNorm reference.
 import model_helpers
 
@@ -457,8 +457,8 @@ def _num_params(config):
 
 
 @pytest.mark.parametrize("preset,count_fn,adm_millions,exact", [
-    (adm.imagenet64, _count_imagenet64, 296, 295_900_035),
-    (adm.imagenet128, _count_imagenet128, 422, 421_523_715),
+    (presets.imagenet64, _count_imagenet64, 296, 295_900_035),
+    (presets.imagenet128, _count_imagenet128, 422, 421_523_715),
 ])
 def test_paper_model_parameter_counts(preset, count_fn, adm_millions, exact):
   assert count_fn() == exact
@@ -499,6 +499,6 @@ def test_digits_preset_parameter_count():
            + r(128, 64) + r(96, 64) + 2 * _attn(64) + r(64, 64)  # Level 4, up.
            + r(96, 32) + r(64, 32)  # Level 8.
            + _gn_count(32) + _conv(32, 1))
-  assert _num_params(adm.digits()) == count == 827_745
-  for preset in (adm.cpu_unet, adm.cifar10):
+  assert _num_params(presets.digits()) == count == 827_745
+  for preset in (presets.cpu_unet, presets.cifar10):
     assert _num_params(preset()) > 0

@@ -1,1 +1,2 @@
-"""Building blocks of `cfg_guidance.input_pipeline`: sources, decoding, the index stream."""
+"""Data: sources (TFDS, image folders, the digits, the 2-D toy), the seeded resumable
+stream, preprocessing; `pipeline` puts them together."""

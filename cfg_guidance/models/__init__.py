@@ -1,49 +1,71 @@
-"""ε-prediction networks: `create(model_config, *, rngs)` builds the one the config names."""
+"""ε-prediction networks: `create(model_config, *, rngs)` builds the one the config names.
 
+Each model declares its fields once, as a dataclass (`unet.UNetConfig`, `mlp.MLPConfig`):
+the presets, the validation and the constructor all read that declaration.
+"""
+
+import dataclasses
 import functools
-import inspect
+import typing
 
 from flax import nnx
 
 from cfg_guidance.models import mlp
 from cfg_guidance.models import unet
 
-MLP = mlp.MLP
-UNet = unet.UNet
-
-# Config `name` -> (module class, its config check); the other config fields are the
-# class's keyword arguments.
-MODELS = {"unet": (UNet, unet.check_config), "mlp": (MLP, mlp.check_config)}
+# Config `name` -> (module class, its field declaration).
+MODELS = {"unet": (unet.UNet, unet.UNetConfig), "mlp": (mlp.MLP, mlp.MLPConfig)}
 
 
-def _fields(check):
-  """(all, required) config fields: the keyword arguments of the model's check."""
-  params = inspect.signature(check).parameters
-  names = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
-  required = {n for n in names if params[n].default is inspect.Parameter.empty}
-  return names, required
+def _check_type(name, value, annotation):
+  """Raises ValueError unless `value` has the declared type (tuples: of that type)."""
+  if typing.get_origin(annotation) is tuple:
+    item = typing.get_args(annotation)[0]
+    ok = isinstance(value, tuple) and all(_is(v, item) for v in value)
+    expected = f"a tuple of {item.__name__}"
+  else:
+    ok, expected = _is(value, annotation), annotation.__name__
+  if not ok:
+    raise ValueError(f"config.model.{name}={value!r} must be {expected}.")
 
 
-def config_kwargs(model_config):
-  """Checks a model config (ConfigDict or dict); returns (class, constructor kwargs)."""
-  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict")
-             else model_config)
+def _is(value, kind):
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, kind)
+
+
+def parse_config(model_config):
+  """A validated field declaration from a ConfigDict or dict: (class, fields).
+
+  Raises ValueError naming `config.model.<field>` for an unknown model, an unknown or
+  missing field, a value of the wrong type, or one the model cannot build.
+  """
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
-    raise ValueError(f"model.name={name!r}: expected one of {sorted(MODELS)}.")
-  cls, check = MODELS[name]
-  names, required = _fields(check)
-  unknown = sorted(set(cfg) - names)
+    raise ValueError(f"config.model.name={name!r} must be one of {sorted(MODELS)}.")
+  cls, declaration = MODELS[name]
+  hints = typing.get_type_hints(declaration)
+  unknown = sorted(set(cfg) - set(hints))
   if unknown:
-    raise ValueError(f"model config for {name!r} has unknown fields {unknown}; "
-                     f"known: {sorted(names)}.")
-  missing = sorted(required - set(cfg))
-  if missing:
-    raise ValueError(f"model config for {name!r} lacks required fields {missing}.")
-  # Sequences arrive as lists from some config paths; modules keep them as tuples.
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-  check(**kwargs)  # Here rather than inside create's jit trace, for a clean traceback.
-  return cls, kwargs
+    raise ValueError(f"config.model has unknown fields {unknown} for {name!r}; known: "
+                     f"{sorted(hints)}.")
+  # Sequences arrive as lists from JSON (a saved run's config) and some config paths.
+  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+  for field, value in cfg.items():
+    _check_type(field, value, hints[field])
+  fields = declaration(**cfg)
+  fields.validate()  # Here rather than inside create's jit trace, for a clean traceback.
+  return cls, fields
+
+
+def to_config_dict(fields) -> dict:
+  """A field declaration as `config.model`'s dict: {"name": ..., **fields}."""
+  name, = [n for n, (_, d) in MODELS.items() if isinstance(fields, d)]
+  return {"name": name, **dataclasses.asdict(fields)}
 
 
 def create(model_config, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -52,11 +74,11 @@ def create(model_config, *, rngs: nnx.Rngs) -> nnx.Module:
   model_config: ConfigDict or dict with `name` ("unet" | "mlp") and that model's
   fields. The model is called as `model(z, logsnr, labels, *, train, rngs) -> eps`.
   """
-  cls, kwargs = config_kwargs(model_config)
-  return _jitted_init(cls, tuple(sorted(kwargs.items())))(rngs)
+  cls, fields = parse_config(model_config)
+  return _jitted_init(cls, fields)(rngs)
 
 
 @functools.cache
-def _jitted_init(cls, kwargs):
-  """One compiled initialiser per distinct config (kwargs: sorted (name, value) pairs)."""
-  return nnx.jit(lambda rngs: cls(**dict(kwargs), rngs=rngs))
+def _jitted_init(cls, fields):
+  """One compiled initialiser per distinct (hashable, frozen) field declaration."""
+  return nnx.jit(lambda rngs: cls(fields, rngs=rngs))

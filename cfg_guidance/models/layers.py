@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance.models import conv as conv_lib
+from cfg_guidance.runtime import backend
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Beyond ±20 the schedule (DESIGN.md) never goes; clipping keeps t off 0 and 1 exactly.
+# The log-SNR range of the paper's schedule; clipping keeps t off 0 and 1 exactly.
 LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
 
 
@@ -80,12 +80,12 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    y = conv_lib.matmul(x, self.kernel[...].astype(self.dtype))
+    y = backend.fast_paths().matmul(x, self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
 class Conv(nnx.Module):
-  """SAME 2-D convolution through `conv.conv2d`. x: [N, H, W, Cin] -> [N, H', W', Cout].
+  """SAME 2-D convolution. x: [N, H, W, Cin] -> [N, ceil(H/stride), ceil(W/stride), Cout].
 
   Kernel [k, k, Cin, Cout] and bias are PyTorch-initialised as ADM's nn.Conv2d:
   U(±1/sqrt(k·k·Cin)), i.e. variance_scaling(1/3, "fan_in", "uniform") for the kernel;
@@ -103,8 +103,8 @@ class Conv(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = conv_lib.conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                        stride=self.stride)
+    y = backend.fast_paths().conv2d(x.astype(self.dtype),
+                                    self.kernel[...].astype(self.dtype), stride=self.stride)
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -117,8 +117,8 @@ class GroupNorm(nnx.Module):
 
   The statistics are sums over positions per channel (reductions along the contiguous
   channel axis), then per group; normalisation, affine and conditioning fold into one
-  (x − mean)·a + b per (example, channel). On XLA:CPU this runs 3-8x faster, forward and
-  backward, than reducing a [N, HW, G, C/G] view (bench/BENCHMARKS.md). Two-pass variance.
+  (x − mean)·a + b per (example, channel): fewer passes over x, forward and backward,
+  than reducing a [N, HW, G, C/G] view (bench/BENCHMARKS.md). Two-pass variance.
   """
 
   def __init__(self, num_channels, num_groups=32, *, epsilon=1e-5,
@@ -153,64 +153,19 @@ class GroupNorm(nnx.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def _hash32(v):
-  """lowbias32 (C. Wellons' hash prospector): a bijection of uint32 with full avalanche;
-  flipping one input bit flips each output bit with probability 0.5 ± 0.0017."""
-  v = v ^ (v >> 16)
-  v = v * jnp.uint32(0x7FEB352D)
-  v = v ^ (v >> 15)
-  v = v * jnp.uint32(0x846CA68B)
-  return v ^ (v >> 16)
-
-
-def counter_hash_bits(key, n):
-  """n random uint32 words: word i = H(H(i + s) ⊕ H(s ⊕ c)), H = `_hash32`.
-
-  s is the key's words folded through H (s ← H(s ⊕ kⱼ), from the golden ratio), so a
-  change in any key word changes both stages' keys; c = 0x85EBCA6B. For one key the
-  words are a permutation of distinct values. Two keys whose first stages overlap
-  (s' = s + δ) are separated by the second stage. Each word is a few integer operations
-  XLA fuses into its consumer, so no bits are written to memory: on one CPU core 4M words
-  took 0.8 ms, against 37 ms from `jax.random.bits` with an "rbg" key (XLA's Philox) and
-  27 ms with threefry (bench/BENCHMARKS.md, change 13).
-  """
-  if n >= 2**32:
-    raise ValueError(f"counter_hash_bits draws at most 2^32 - 1 words; asked for {n}.")
-  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-  seed = jnp.uint32(0x9E3779B9)
-  for j in range(words.shape[0]):
-    seed = _hash32(seed ^ words[j])
-  i = jax.lax.iota(jnp.uint32, n)
-  return _hash32(_hash32(i + seed) ^ _hash32(seed ^ jnp.uint32(0x85EBCA6B)))
-
-
-def dropout_words(key, n):
-  """n random uint32 words for a dropout mask: XLA's generator on TPU (its hardware
-  RNG, with the "rbg" key of `dropout_key`), `counter_hash_bits` elsewhere.
-
-  The hash is fused into the mask where it is used, so no bits go through memory. On a
-  CPU core 4M words took 0.8 ms against 37 ms from `jax.random.bits`; in the ImageNet 64
-  train step on an H200 (bf16, batch 256) the step took 414.2 ms against 417.1 with XLA's
-  Philox, whose bits are written out and read back (bench/BENCHMARKS.md, H200 A/B).
-  """
-  if jax.default_backend() == "tpu":
-    return jax.random.bits(key, (n,), jnp.uint32)
-  return counter_hash_bits(key, n)
-
-
 def dropout(x, rate, key):
   """Inverted dropout; identity when `key` is None (eval) or rate is 0.
 
   Each element is dropped when 16 random bits fall below round(rate·2^16), so the rate
   is exact to 2^−17 (0.1 → 0.100006), and kept elements are scaled by the inverse of the
-  exact keep probability, so E[dropout(x)] = x. Two elements per 32-bit random word: the
-  random bits cost half of `jax.random.bernoulli`'s, whose 32-bit uniforms took 21 ms per
-  2M-element mask on XLA:CPU (bench/BENCHMARKS.md). The words come from `dropout_words`.
+  exact keep probability, so E[dropout(x)] = x. Two elements per 32-bit random word, half
+  the bits of `jax.random.bernoulli`'s uniforms; the words come from the backend's
+  `fast_paths().random_words`.
   """
   if key is None or rate == 0.0:
     return x
   threshold = min(round(rate * 2**16), 2**16 - 1)
-  words = dropout_words(key, (x.size + 1) // 2)
+  words = backend.fast_paths().random_words(key, (x.size + 1) // 2)
   halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size]
   keep = halves.reshape(x.shape) >= threshold
   scale = jnp.asarray(2**16 / (2**16 - threshold), x.dtype)
@@ -221,8 +176,8 @@ def dropout_key(train, rate, rngs):
   """The call's dropout key, drawn from `rngs` (an nnx.Rngs); None when dropout is off.
 
   Returned as an "rbg" key (XLA's RngBitGenerator), the usual dropout generator on
-  TPU: every dropout layer draws a mask, and threefry masks took ~10x longer to
-  compile on CPU here. Masks are reproducible for a given key and device layout.
+  TPU; every dropout layer draws a mask, and threefry masks are much slower to compile.
+  Masks are reproducible for a given key and device layout.
   """
   if not train or rate == 0.0:
     return None

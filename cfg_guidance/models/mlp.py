@@ -4,6 +4,8 @@ Same interface and conditioning as the U-Net: λ and class embeddings, scale-shi
 residual blocks with zero-initialised outputs, so a fresh model predicts ε = 0.
 """
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -11,16 +13,28 @@ import jax.numpy as jnp
 from cfg_guidance.models import layers
 
 
-def check_config(*, num_classes, dim=2, hidden=256, num_blocks=4, dropout=0.0,
-                 dtype="float32"):
-  """Raises ValueError naming the first bad field."""
-  for name, value in [("num_classes", num_classes), ("dim", dim),
-                      ("hidden", hidden), ("num_blocks", num_blocks)]:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name}={value!r} must be a positive integer.")
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout={dropout!r} must lie in [0, 1).")
-  layers.parse_dtype(dtype)
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+  """The MLP's fields: `config.model` with name="mlp". Defaults: the toy problem's."""
+  num_classes: int = 3  # Real classes; label num_classes is the null token ∅.
+  dim: int = 2  # Point dimension.
+  hidden: int = 256  # Width of the residual stream and of the embeddings.
+  num_blocks: int = 3  # Residual MLP blocks.
+  dropout: float = 0.0  # Dropout rate inside the blocks.
+  dtype: str = "float32"  # Compute dtype; parameters and norms stay float32.
+
+  def example_shape(self) -> tuple[int]:
+    """One example's shape (dim,): what `z` is per example."""
+    return (self.dim,)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad field."""
+    for name in ("num_classes", "dim", "hidden", "num_blocks"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"config.model.{name}={getattr(self, name)!r} must be >= 1.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"config.model.dropout={self.dropout!r} must lie in [0, 1).")
+    layers.parse_dtype(self.dtype, "config.model.dtype")
 
 
 class MLPBlock(nnx.Module):
@@ -52,20 +66,19 @@ class MLP(nnx.Module):
   all of width `hidden`; the class table has num_classes + 1 rows (last = ∅).
   """
 
-  def __init__(self, *, num_classes, dim=2, hidden=256, num_blocks=4, dropout=0.0,
-               dtype="float32", rngs):
-    check_config(num_classes=num_classes, dim=dim, hidden=hidden,
-                 num_blocks=num_blocks, dropout=dropout, dtype=dtype)
-    dtype = layers.parse_dtype(dtype)
-    self.dim, self.num_classes, self.dropout = dim, num_classes, dropout
+  def __init__(self, config: MLPConfig, *, rngs: nnx.Rngs):
+    config.validate()
+    dtype = layers.parse_dtype(config.dtype)
+    hidden, dropout = config.hidden, config.dropout
+    self.dim, self.num_classes, self.dropout = config.dim, config.num_classes, dropout
     self.noise_embed = layers.NoiseEmbedding(hidden, hidden)
-    self.class_embed = layers.ClassEmbedding(num_classes, hidden)
-    self.dense_in = layers.Dense(dim, hidden, dtype=dtype)
+    self.class_embed = layers.ClassEmbedding(config.num_classes, hidden)
+    self.dense_in = layers.Dense(config.dim, hidden, dtype=dtype)
     self.blocks = nnx.List([
         MLPBlock(hidden, hidden, dropout=dropout, dtype=dtype)
-        for _ in range(num_blocks)])
+        for _ in range(config.num_blocks)])
     self.norm_out = layers.GroupNorm(hidden, 1, dtype=jnp.float32)
-    self.dense_out = layers.Dense(hidden, dim, zero_init=True)
+    self.dense_out = layers.Dense(hidden, config.dim, zero_init=True)
     layers.initialize(self, rngs)
 
   def __call__(self, z, logsnr, labels, *, train=False, rngs=None):

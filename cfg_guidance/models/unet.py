@@ -4,6 +4,8 @@ Follows guided-diffusion's UNetModel with scale-shift norm, BigGAN up/down-sampl
 no learned variance; the class table has an extra null row ∅ for classifier-free guidance.
 """
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -68,21 +70,20 @@ ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 def _check_attention_impl(impl):
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}.")
+    raise ValueError(f"config.model.attention_impl={impl!r} must be one of "
+                     f"{ATTENTION_IMPLS}.")
 
 
 def _einsum_attention(q, k, v, dtype):
   """softmax(q kᵀ/√d) v; q, k, v: [N, tokens, heads, d] -> same, logits in float32."""
   head_dim = q.shape[-1]
-  # Heads go first ([N, heads, tokens, d]) so each einsum is a plain batched matmul: on
-  # XLA:CPU the forward took 2.5x longer with the heads between tokens and d
-  # (bench/BENCHMARKS.md, change 7).
+  # Heads go first ([N, heads, tokens, d]) so each einsum is a plain batched matmul; with
+  # the heads between tokens and d, XLA:CPU runs the forward far slower.
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
   q = q * jnp.asarray(head_dim**-0.5, q.dtype)
   logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
   # softmax(logits) v with the normalisation after the second matmul, as flash
-  # attention does: one division per output element instead of one per logit. The
-  # train step of the CPU-sized U-Net took 6% less (bench/BENCHMARKS.md, change 11).
+  # attention does: one division per output element instead of one per logit.
   e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   out = jnp.einsum("nhqk,nhkd->nhqd", e.astype(dtype), v,
                    preferred_element_type=jnp.float32)
@@ -171,73 +172,81 @@ def _call_block(block, x, emb, key):
   return block(x, emb, key)
 
 
-def _check_positive_int(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{name}={value!r} must be a positive integer.")
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The U-Net's fields: `config.model` with name="unet". Defaults: ADM's ImageNet 64."""
+  num_classes: int = 1000  # Real classes; label num_classes is the null token ∅.
+  image_size: int = 64  # Input side H = W.
+  channels: int = 3  # Input/output channels (3 RGB, 1 grey).
+  base_channels: int = 192  # C: width of the first level; embeddings are 4C wide.
+  channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # Width multiplier per level (2x apart).
+  num_res_blocks: int = 3  # Residual blocks per level (the decoder has one more).
+  attention_resolutions: tuple[int, ...] = (32, 16, 8)  # Resolutions with self-attention.
+  num_heads: int = -1  # Attention heads (-1: use num_head_channels).
+  num_head_channels: int = 64  # Channels per head (-1: use num_heads).
+  num_groups: int = 32  # GroupNorm groups; must divide every level's width.
+  dropout: float = 0.1  # Dropout rate inside residual blocks.
+  resblock_updown: bool = True  # BigGAN residual up/down-sampling (else conv resample).
+  dtype: str = "float32"  # Compute dtype (bfloat16 on TPU/GPU); params, norms stay f32.
+  remat: bool = False  # Rematerialise each block in the backward pass.
+  attention_impl: str = "einsum"  # One of ATTENTION_IMPLS ("cudnn": GPU, bfloat16).
 
+  def example_shape(self) -> tuple[int, int, int]:
+    """One example's shape (H, W, C): what `z` is per example."""
+    return (self.image_size, self.image_size, self.channels)
 
-def check_config(*, image_size, channels, base_channels, channel_mult, num_res_blocks,
-                 attention_resolutions, num_classes, num_heads=-1, num_head_channels=-1,
-                 num_groups=32, dropout=0.0, resblock_updown=True, dtype="float32",
-                 remat=False, attention_impl="einsum"):
-  """Raises ValueError naming the first bad field; returns {width: attention heads}."""
-  del resblock_updown, remat  # Any bool will do.
-  layers.parse_dtype(dtype)
-  _check_attention_impl(attention_impl)
-  if attention_impl == "cudnn" and dtype != "bfloat16":
-    raise ValueError(f"attention_impl='cudnn' needs dtype='bfloat16'; got {dtype!r}: "
-                     "cuDNN's flash attention has no float32 kernels.")
-  channel_mult = tuple(channel_mult)
-  for name, value in [("image_size", image_size), ("channels", channels),
-                      ("base_channels", base_channels),
-                      ("num_res_blocks", num_res_blocks), ("num_classes", num_classes),
-                      ("num_groups", num_groups)]:
-    _check_positive_int(name, value)
-  if not channel_mult or any(
-      not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in channel_mult):
-    raise ValueError(
-        f"channel_mult={channel_mult!r} must be a non-empty tuple of positive ints.")
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout={dropout!r} must lie in [0, 1).")
-  factor = 2 ** (len(channel_mult) - 1)
-  if image_size % factor:
-    raise ValueError(
-        f"image_size={image_size} must be divisible by 2^(len(channel_mult) - 1) = "
-        f"{factor} to down-sample {len(channel_mult) - 1} times.")
-  pyramid = [image_size // 2**level for level in range(len(channel_mult))]
-  bad = [r for r in attention_resolutions if r not in pyramid]
-  if bad:
-    raise ValueError(
-        f"attention_resolutions={tuple(attention_resolutions)}: {bad} not in the "
-        f"U-Net's resolutions {pyramid}.")
-  widths = [base_channels * m for m in channel_mult]
-  for width in widths:
-    if width % num_groups:
+  def validate(self) -> dict[int, int]:
+    """Raises ValueError naming the first bad field; returns {width: attention heads}."""
+    layers.parse_dtype(self.dtype, "config.model.dtype")
+    _check_attention_impl(self.attention_impl)
+    if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError(f"config.model.attention_impl='cudnn' needs dtype='bfloat16'; got "
+                       f"{self.dtype!r}: cuDNN's flash attention has no float32 kernels.")
+    for name in ("image_size", "channels", "base_channels", "num_res_blocks",
+                 "num_classes", "num_groups"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"config.model.{name}={getattr(self, name)!r} must be >= 1.")
+    mult = self.channel_mult
+    if not mult or min(mult) < 1:
+      raise ValueError(f"config.model.channel_mult={mult!r} must be a non-empty tuple of "
+                       "positive ints.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"config.model.dropout={self.dropout!r} must lie in [0, 1).")
+    factor = 2 ** (len(mult) - 1)
+    if self.image_size % factor:
       raise ValueError(
-          f"num_groups={num_groups} must divide every level's width "
-          f"base_channels * channel_mult = {widths}; it does not divide {width}.")
-  if (num_heads == -1) == (num_head_channels == -1):
-    raise ValueError(
-        f"Set exactly one of num_heads={num_heads} and num_head_channels="
-        f"{num_head_channels}; the other must be -1.")
-  # Attention runs at the listed resolutions and always in the middle block.
-  attn_widths = {widths[-1]} | {
-      w for w, r in zip(widths, pyramid) if r in attention_resolutions}
-  heads = {}
-  for width in sorted(attn_widths):
-    if num_head_channels != -1:
-      _check_positive_int("num_head_channels", num_head_channels)
-      if width % num_head_channels:
-        raise ValueError(f"num_head_channels={num_head_channels} must divide the "
-                         f"attention width {width}.")
-      heads[width] = width // num_head_channels
-    else:
-      _check_positive_int("num_heads", num_heads)
-      if width % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide the attention width "
+          f"config.model.image_size={self.image_size} must be divisible by "
+          f"2^(len(channel_mult) - 1) = {factor} to down-sample {len(mult) - 1} times.")
+    pyramid = [self.image_size // 2**level for level in range(len(mult))]
+    bad = [r for r in self.attention_resolutions if r not in pyramid]
+    if bad:
+      raise ValueError(f"config.model.attention_resolutions={self.attention_resolutions}: "
+                       f"{bad} not in the U-Net's resolutions {pyramid}.")
+    widths = [self.base_channels * m for m in mult]
+    for width in widths:
+      if width % self.num_groups:
+        raise ValueError(
+            f"config.model.num_groups={self.num_groups} must divide every level's width "
+            f"base_channels * channel_mult = {widths}; it does not divide {width}.")
+    if (self.num_heads == -1) == (self.num_head_channels == -1):
+      raise ValueError(
+          f"Set exactly one of config.model.num_heads={self.num_heads} and "
+          f"num_head_channels={self.num_head_channels}; the other must be -1.")
+    # Attention runs at the listed resolutions and always in the middle block.
+    attn_widths = {widths[-1]} | {
+        w for w, r in zip(widths, pyramid) if r in self.attention_resolutions}
+    by_width = self.num_head_channels != -1
+    name, value = (("num_head_channels", self.num_head_channels) if by_width
+                   else ("num_heads", self.num_heads))
+    if value < 1:
+      raise ValueError(f"config.model.{name}={value} must be >= 1 (or -1).")
+    heads = {}
+    for width in sorted(attn_widths):
+      if width % value:
+        raise ValueError(f"config.model.{name}={value} must divide the attention width "
                          f"{width}.")
-      heads[width] = num_heads
-  return heads
+      heads[width] = width // value if by_width else value
+    return heads
 
 
 class UNet(nnx.Module):
@@ -249,44 +258,36 @@ class UNet(nnx.Module):
   attention) and an up-sampling block; out: GN, SiLU, zero-initialised conv.
   """
 
-  def __init__(self, *, image_size, channels, base_channels, channel_mult,
-               num_res_blocks, attention_resolutions, num_classes, num_heads=-1,
-               num_head_channels=-1, num_groups=32, dropout=0.0,
-               resblock_updown=True, dtype="float32", remat=False,
-               attention_impl="einsum", rngs):
-    channel_mult = tuple(channel_mult)
-    attention_resolutions = tuple(attention_resolutions)
-    heads = check_config(
-        image_size=image_size, channels=channels, base_channels=base_channels,
-        channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_resolutions, num_classes=num_classes,
-        num_heads=num_heads, num_head_channels=num_head_channels,
-        num_groups=num_groups, dropout=dropout, dtype=dtype,
-        attention_impl=attention_impl)
-    dtype = layers.parse_dtype(dtype)
-    self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
-    self.dropout, self.remat, self.dtype = dropout, remat, dtype
+  def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+    heads = config.validate()
+    dtype = layers.parse_dtype(config.dtype)
+    self.image_size, self.channels = config.image_size, config.channels
+    self.num_classes, self.dropout, self.remat = config.num_classes, config.dropout, config.remat
+    self.dtype = dtype
+    base_channels, channel_mult = config.base_channels, config.channel_mult
+    num_res_blocks, num_groups = config.num_res_blocks, config.num_groups
+    attention_resolutions, image_size = config.attention_resolutions, config.image_size
 
     emb_dim = 4 * base_channels
     self.noise_embed = layers.NoiseEmbedding(base_channels, emb_dim)
-    self.class_embed = layers.ClassEmbedding(num_classes, emb_dim)
+    self.class_embed = layers.ClassEmbedding(config.num_classes, emb_dim)
 
     def res(cin, cout, resample=None):
-      return ResBlock(cin, cout, emb_dim, dropout=dropout, num_groups=num_groups,
+      return ResBlock(cin, cout, emb_dim, dropout=config.dropout, num_groups=num_groups,
                       resample=resample, dtype=dtype)
 
     def attn(ch):
-      return AttentionBlock(ch, heads[ch], num_groups=num_groups, impl=attention_impl,
+      return AttentionBlock(ch, heads[ch], num_groups=num_groups, impl=config.attention_impl,
                             dtype=dtype)
 
     def down(ch):
-      return res(ch, ch, "down") if resblock_updown else Downsample(ch, dtype=dtype)
+      return res(ch, ch, "down") if config.resblock_updown else Downsample(ch, dtype=dtype)
 
     def up(ch):
-      return res(ch, ch, "up") if resblock_updown else Upsample(ch, dtype=dtype)
+      return res(ch, ch, "up") if config.resblock_updown else Upsample(ch, dtype=dtype)
 
     ch = base_channels * channel_mult[0]
-    self.conv_in = layers.Conv(channels, ch, 3, dtype=dtype)
+    self.conv_in = layers.Conv(config.channels, ch, 3, dtype=dtype)
     skip_channels = [ch]
     resolution = image_size
     encoder = []
@@ -319,7 +320,7 @@ class UNet(nnx.Module):
     self.decoder = nnx.List(decoder)
     # ADM runs the output head in float32 (its h.type(x.dtype) before self.out).
     self.norm_out = layers.GroupNorm(ch, num_groups, dtype=jnp.float32)
-    self.conv_out = layers.Conv(ch, channels, 3, zero_init=True)
+    self.conv_out = layers.Conv(ch, config.channels, 3, zero_init=True)
     layers.initialize(self, rngs)
 
   def __call__(self, z, logsnr, labels, *, train=False, rngs=None):

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cfg_guidance import xla_options
+from cfg_guidance.runtime import backend
 
 CHECKPOINT_SUBDIR = "classifier"
 _METADATA_FILE = "classifier.json"
@@ -95,7 +95,7 @@ def _train_fns(graphdef, learning_rate):
     return optax.apply_updates(params, updates), opt_state
 
   return jax.jit(tx.init), jax.jit(train_step, donate_argnums=(0, 1),
-                                 compiler_options=xla_options.compiler_options())
+                                 compiler_options=backend.compiler_options())
 
 
 class ClassifierExtractor:

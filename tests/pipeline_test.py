@@ -9,10 +9,7 @@ from PIL import Image
 import pytest
 from sklearn import datasets as sk_datasets
 
-from cfg_guidance import input_pipeline
-from cfg_guidance import toy
-from cfg_guidance.data import preprocess
-from cfg_guidance.data import stream
+from cfg_guidance.data import pipeline, preprocess, sources, stream, toy2d
 
 
 def _config(**fields) -> ml_collections.ConfigDict:
@@ -62,7 +59,7 @@ def test_area_resize_integer_factor_is_block_mean():
 
 def test_digits_one_epoch_is_every_digit_once_in_signed_unit_range():
   digits = sk_datasets.load_digits()
-  it = input_pipeline.create_dataset(_config(), global_batch_size=599, seed=3,
+  it = pipeline.create_dataset(_config(), global_batch_size=599, seed=3,
                                      process_index=0, process_count=1)
   epoch = _concat(_take(it, 3))  # 3 * 599 = 1797: exactly one epoch.
   assert epoch["image"].shape == (1797, 8, 8, 1) and epoch["image"].dtype == np.float32
@@ -74,11 +71,10 @@ def test_digits_one_epoch_is_every_digit_once_in_signed_unit_range():
   # Labels travel with their images.
   lookup = dict(zip(_rows(expected), digits.target))
   assert all(lookup[r] == y for r, y in zip(_rows(epoch["image"]), epoch["label"]))
-  assert input_pipeline.dataset_info(_config()) == ((8, 8, 1), 10, 1797)
 
 
 def test_load_digits_arrays():
-  images, labels = input_pipeline.load_digits_arrays()
+  images, labels = sources.load_digits_arrays()
   digits = sk_datasets.load_digits()
   assert images.shape == (1797, 8, 8, 1) and images.dtype == np.float32
   np.testing.assert_allclose(images[..., 0], digits.images / 8.0 - 1.0, rtol=1e-6)
@@ -87,20 +83,19 @@ def test_load_digits_arrays():
 
 def test_toy2d_stream_is_a_permutation_of_the_fixed_training_set():
   config = _config(name="toy2d", num_toy_examples=300, toy_seed=5)
-  x, labels = toy.sample_data(5, 300)
-  it = input_pipeline.create_dataset(config, global_batch_size=100, seed=0,
+  x, labels = toy2d.sample_data(5, 300)
+  it = pipeline.create_dataset(config, global_batch_size=100, seed=0,
                                      process_index=0, process_count=1)
   epoch = _concat(_take(it, 3))
   assert epoch["image"].shape == (300, 2) and epoch["image"].dtype == np.float32
   assert sorted(_rows(epoch["image"])) == sorted(_rows(x))
   np.testing.assert_array_equal(np.bincount(epoch["label"]), [100, 100, 100])
   assert not np.array_equal(epoch["image"], x)  # Shuffled.
-  assert input_pipeline.dataset_info(config) == ((2,), 3, 300)
 
 
 def test_epochs_reshuffle_and_stream_is_deterministic_in_seed():
   def stream_of(seed):
-    it = input_pipeline.create_dataset(_config(), global_batch_size=599, seed=seed,
+    it = pipeline.create_dataset(_config(), global_batch_size=599, seed=seed,
                                        process_index=0, process_count=1)
     return _concat(_take(it, 6))["label"]
   a, b, c = stream_of(0), stream_of(0), stream_of(1)
@@ -115,9 +110,9 @@ def test_stream_matches_the_documented_index_formula():
   """Process i's part of global batch k holds records perm(seed, p // N)[p % N] for the
   positions p = k G + i B + [0, B)."""
   config = _config()
-  images, _ = input_pipeline.load_digits_arrays()
+  images, _ = sources.load_digits_arrays()
   n = 1797
-  it = input_pipeline.create_dataset(config, global_batch_size=3 * 200, seed=7,
+  it = pipeline.create_dataset(config, global_batch_size=3 * 200, seed=7,
                                      process_index=2, process_count=3)
   got = _concat(_take(it, 4))["image"]  # 2400 global positions: into the second epoch.
   positions = np.concatenate([k * 600 + 400 + np.arange(200) for k in range(4)])
@@ -128,9 +123,9 @@ def test_stream_matches_the_documented_index_formula():
 
 def test_global_batches_do_not_depend_on_the_process_count():
   config = _config()
-  one = _concat(_take(input_pipeline.create_dataset(
+  one = _concat(_take(pipeline.create_dataset(
       config, global_batch_size=64, seed=3, process_index=0, process_count=1), 5))
-  parts = [_take(input_pipeline.create_dataset(
+  parts = [_take(pipeline.create_dataset(
       config, global_batch_size=64, seed=3, process_index=i, process_count=4), 5)
            for i in range(4)]
   for k in range(5):
@@ -140,9 +135,9 @@ def test_global_batches_do_not_depend_on_the_process_count():
 
 
 def test_random_flip_mirrors_a_fair_share_of_examples():
-  plain = _concat(_take(input_pipeline.create_dataset(
+  plain = _concat(_take(pipeline.create_dataset(
       _config(), global_batch_size=400, seed=0, process_index=0, process_count=1), 2))
-  flipped = _concat(_take(input_pipeline.create_dataset(
+  flipped = _concat(_take(pipeline.create_dataset(
       _config(random_flip=True), global_batch_size=400, seed=0, process_index=0,
       process_count=1), 2))
   np.testing.assert_array_equal(plain["label"], flipped["label"])
@@ -161,16 +156,16 @@ def test_process_shards_are_disjoint_and_one_pass_covers_all():
   config = _config()
   epochs = []
   for index in range(2):
-    it = input_pipeline.create_dataset(config, global_batch_size=2 * 449, seed=0,
+    it = pipeline.create_dataset(config, global_batch_size=2 * 449, seed=0,
                                        process_index=index, process_count=2)
     epochs.append(_concat(_take(it, 2))["image"])  # 898 = one epoch of a shard.
   rows = [set(_rows(e)) for e in epochs]
   assert len(rows[0]) == len(rows[1]) == 898 and not rows[0] & rows[1]
 
-  images, labels = input_pipeline.load_digits_arrays()
+  images, labels = sources.load_digits_arrays()
   parts = []
   for index in range(2):
-    one_pass = input_pipeline.iterate_once(config, batch_size=500, process_index=index,
+    one_pass = pipeline.iterate_once(config, batch_size=500, process_index=index,
                                            process_count=2)
     batches = list(one_pass)
     assert [len(b["label"]) for b in batches] == [500, 399 - index]
@@ -185,12 +180,12 @@ def test_process_shards_are_disjoint_and_one_pass_covers_all():
 def test_resume_from_state_continues_the_same_stream():
   config = _config(random_flip=True)
   kwargs = dict(global_batch_size=128, seed=1, process_index=1, process_count=2)
-  reference = _take(input_pipeline.create_dataset(config, **kwargs), 20)
-  it = input_pipeline.create_dataset(config, **kwargs)
+  reference = _take(pipeline.create_dataset(config, **kwargs), 20)
+  it = pipeline.create_dataset(config, **kwargs)
   _take(it, 13)
   state = it.get_state()
   assert state["step"] == 13
-  resumed = input_pipeline.create_dataset(config, **kwargs)
+  resumed = pipeline.create_dataset(config, **kwargs)
   resumed.set_state(state)
   for want, got in zip(reference[13:], _take(resumed, 7)):
     np.testing.assert_array_equal(got["image"], want["image"])
@@ -200,12 +195,12 @@ def test_resume_from_state_continues_the_same_stream():
 def test_state_is_identical_across_processes_and_rejects_another_stream():
   states = []
   for index in range(2):
-    it = input_pipeline.create_dataset(_config(), global_batch_size=64, seed=0,
+    it = pipeline.create_dataset(_config(), global_batch_size=64, seed=0,
                                        process_index=index, process_count=2)
     _take(it, 3)
     states.append(it.get_state())
   assert states[0] == states[1]
-  other = input_pipeline.create_dataset(_config(), global_batch_size=32, seed=0,
+  other = pipeline.create_dataset(_config(), global_batch_size=32, seed=0,
                                         process_index=0, process_count=2)
   with pytest.raises(ValueError, match="global_batch_size"):
     other.set_state(states[0])
@@ -221,12 +216,11 @@ def test_tfds_pipelines_under_mock_data(name, image_size):
   config = _config(name=name, image_size=image_size, random_flip=True, num_threads=2)
   side = {"cifar10": 32, "imagenet2012": 16, "imagenet_resized": 64}[name]
   num_classes = {"cifar10": 10}.get(name, 1000)
-  assert input_pipeline.dataset_info(config).shape == (side, side, 3)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     epochs, reference = [], None
     for index in range(2):
       kwargs = dict(global_batch_size=8, seed=4, process_index=index, process_count=2)
-      batches = _take(input_pipeline.create_dataset(config, **kwargs), 6)
+      batches = _take(pipeline.create_dataset(config, **kwargs), 6)
       for batch in batches:
         assert batch["image"].shape == (4, side, side, 3)
         assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
@@ -235,11 +229,11 @@ def test_tfds_pipelines_under_mock_data(name, image_size):
       epochs.append(_concat(batches[:3]))  # 12 positions: one epoch of a shard.
       if index == 0:
         reference = batches
-        resumed = input_pipeline.create_dataset(config, **kwargs)
+        resumed = pipeline.create_dataset(config, **kwargs)
         resumed.set_state({**resumed.get_state(), "step": 4})
         for want, got in zip(reference[4:], _take(resumed, 2)):
           np.testing.assert_array_equal(got["image"], want["image"])
-    everything = _concat(list(input_pipeline.iterate_once(
+    everything = _concat(list(pipeline.iterate_once(
         config, batch_size=5, process_index=0, process_count=1)))
   assert len(everything["label"]) == 24
   candidates = set(_rows(everything["image"])) | set(_rows(everything["image"][:, :, ::-1]))
@@ -286,9 +280,8 @@ def _write_folder(root):
 def test_image_folder_reads_crops_resizes_and_skips_the_corrupt_file(tmp_path):
   expected = _write_folder(tmp_path)
   config = _config(name="image_folder", folder=str(tmp_path), image_size=4, num_threads=2)
-  assert input_pipeline.dataset_info(config) == ((4, 4, 3), 3, 11)
 
-  one_pass = input_pipeline.iterate_once(config, batch_size=4, process_index=0,
+  one_pass = pipeline.iterate_once(config, batch_size=4, process_index=0,
                                          process_count=1)
   batches = list(one_pass)
   assert [len(b["label"]) for b in batches] == [4, 4, 2]
@@ -298,7 +291,7 @@ def test_image_folder_reads_crops_resizes_and_skips_the_corrupt_file(tmp_path):
   np.testing.assert_array_equal(got["label"], [e[1] for e in expected])
 
   # The infinite stream replaces the corrupt file by a readable one, counted once per epoch.
-  it = input_pipeline.create_dataset(config, global_batch_size=11, seed=0,
+  it = pipeline.create_dataset(config, global_batch_size=11, seed=0,
                                      process_index=0, process_count=1)
   readable = set(_rows(got["image"]))
   for batch in _take(it, 3):  # One epoch per batch.
@@ -315,7 +308,7 @@ def test_image_folder_stream_is_the_same_with_threads_and_worker_processes(tmp_p
   for threads, workers in [(0, 0), (3, 0), (1, 1)]:
     config = _config(name="image_folder", folder=str(tmp_path), image_size=4,
                      random_flip=True, num_threads=threads, num_workers=workers)
-    it = input_pipeline.create_dataset(config, **kwargs)
+    it = pipeline.create_dataset(config, **kwargs)
     streams.append(_concat(_take(it, 4)))
     assert it.num_skipped == 4  # Four epochs: the corrupt file four times.
     it.close()
@@ -338,29 +331,29 @@ def test_image_folder_stream_is_the_same_with_threads_and_worker_processes(tmp_p
 ])
 def test_bad_config_names_the_field(fields, match):
   with pytest.raises(ValueError, match=match):
-    input_pipeline.create_dataset(_config(**fields), global_batch_size=8, seed=0,
+    pipeline.create_dataset(_config(**fields), global_batch_size=8, seed=0,
                                   process_index=0, process_count=1)
 
 
 def test_defaults_to_this_jax_process_and_rejects_unknown_splits():
-  implicit = next(input_pipeline.create_dataset(_config(), global_batch_size=16, seed=0))
-  explicit = next(input_pipeline.create_dataset(_config(), global_batch_size=16, seed=0,
+  implicit = next(pipeline.create_dataset(_config(), global_batch_size=16, seed=0))
+  explicit = next(pipeline.create_dataset(_config(), global_batch_size=16, seed=0,
                                                 process_index=0, process_count=1))
   np.testing.assert_array_equal(implicit["image"], explicit["image"])
   with pytest.raises(ValueError, match="split"):
-    input_pipeline.iterate_once(_config(), batch_size=8, split="validation")
+    pipeline.iterate_once(_config(), batch_size=8, split="validation")
 
 
 def test_batch_not_divisible_by_processes_names_train_batch_size():
   with pytest.raises(ValueError, match="train.batch_size"):
-    input_pipeline.create_dataset(_config(), global_batch_size=9, seed=0,
+    pipeline.create_dataset(_config(), global_batch_size=9, seed=0,
                                   process_index=0, process_count=2)
 
 
 def test_unprepared_tfds_data_names_data_dir(tmp_path):
   config = _config(name="cifar10", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="data.data_dir"):
-    input_pipeline.create_dataset(config, global_batch_size=8, seed=0,
+    pipeline.create_dataset(config, global_batch_size=8, seed=0,
                                   process_index=0, process_count=1)
 
 

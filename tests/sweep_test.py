@@ -1,4 +1,5 @@
-"""--mode=evaluate: device-invariant samples, streamed statistics, outputs, watch mode."""
+"""--mode=evaluate (evaluation/sweep.py): device-invariant samples, streamed statistics,
+outputs, watch mode."""
 
 import csv
 import json
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from cfg_guidance import classifier, eval_reference, eval_report, evaluate, images
-from cfg_guidance import input_pipeline
-from cfg_guidance import metrics, sampling, sharding, train
+from cfg_guidance import api, generate, images, sampling, train
+from cfg_guidance.data import sources
+from cfg_guidance.evaluation import classifier, metrics, reference, report, sweep
+from cfg_guidance.runtime import sharding
 import train_test
 
 
@@ -37,19 +39,23 @@ def trained(tmp_path_factory):
   """A tiny digits run with checkpoints at steps 10 and 20."""
   workdir = tmp_path_factory.mktemp("eval_run")
   config = eval_config()
-  train.train_and_evaluate(config, str(workdir))
+  train.run(config, str(workdir))
   return config, workdir
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained):
   config, workdir = trained
-  return config, workdir, evaluate.run(config, str(workdir))
+  return config, workdir, sweep.run(config, str(workdir))
 
 
-def _restore(config, workdir, mesh):
-  _, graphdef, params = train.restore_ema_params(config, str(workdir), mesh=mesh)
-  return train.make_eps_fn(graphdef, config.diffusion.parameterization), params
+def _draw(config, workdir, mesh, indices, w):
+  """The sweep's samples of examples `indices` (labels i mod 10) at weight w."""
+  model = api.load(workdir, mesh=mesh)
+  settings = generate.settings_from_config(config, num_steps=config.eval.num_steps,
+                                           batch_size=config.eval.batch_size)
+  return generate.draw(model.eps_fn, indices % 10, w, settings=settings,
+                       seed=config.eval.seed, indices=indices, mesh=mesh)
 
 
 def test_samples_do_not_depend_on_devices_or_batch_size(trained):
@@ -57,9 +63,8 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
   out = {}
   for num_devices, batch in ((1, 8), (8, 16)):
     mesh = sharding.create_mesh(jax.devices()[:num_devices])
-    eps_fn, params = _restore(config, workdir, mesh)
     out[num_devices, batch] = np.concatenate([
-        evaluate.generate_batch(config, eps_fn, params, np.arange(s, s + batch), 2.0, mesh)
+        _draw(config, workdir, mesh, np.arange(s, s + batch), 2.0)
         for s in range(0, 16, batch)])
   reference = out[8, 16]
   assert reference.shape == (16, 8, 8, 1) and np.isfinite(reference).all()
@@ -72,11 +77,11 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
     np.testing.assert_allclose(x, reference, rtol=1e-4, atol=1e-4, err_msg=str(key))
 
   # A second code path: the sampler itself with example i's key fold_in(key(seed), i).
-  eps_fn, params = _restore(config, workdir, sharding.create_mesh(jax.devices()[:1]))
+  eps_fn = api.load(workdir, mesh=sharding.create_mesh(jax.devices()[:1])).eps_fn
   picked = np.array([3, 12])
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       jax.random.key(config.eval.seed), picked)
-  direct = sampling.sample(jax.tree_util.Partial(eps_fn, params), keys, picked % 10,
+  direct = sampling.sample(eps_fn, keys, picked % 10,
                            shape=(8, 8, 1), guidance_weight=2.0, null_label=10,
                            num_steps=config.eval.num_steps, v=config.sample.v,
                            clip_x=config.sample.clip_x)
@@ -89,7 +94,7 @@ def test_streamed_statistics_equal_one_shot():
   features = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d)
   logits = rng.normal(size=(n, c)) * 3.0
   labels = np.arange(n) % k
-  stats = eval_report.SweepStats(num_samples=n, num_classes=k, keep=keep,
+  stats = report.SweepStats(num_samples=n, num_classes=k, keep=keep,
                                  with_accuracy=True)
   batch = 8
   for start in range(0, n, batch):  # The last batch has 7 real rows and 1 padding row.
@@ -155,14 +160,11 @@ def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
 
   # Recomputed in one shot: all samples at once, the reference from sklearn's digits.
   mesh = sharding.create_mesh(jax.devices()[:8])
-  eps_fn, params = _restore(config, workdir, mesh)
   extractor = classifier.restore_classifier(workdir / "classifier")
-  real, _ = extractor(images.to_uint8(input_pipeline.load_digits_arrays()[0]))
+  real, _ = extractor(images.to_uint8(sources.load_digits_arrays()[0]))
   labels = np.arange(40) % 10
   for record in records:
-    x = np.concatenate([evaluate.generate_batch(config, eps_fn, params,
-                                                np.arange(s, s + 16), record["w"], mesh)
-                        for s in range(0, 48, 16)])[:40]
+    x = _draw(config, workdir, mesh, np.arange(40), record["w"])
     features, logits = extractor(images.to_uint8(x))
     fid = metrics.frechet_distance(features.mean(0), np.cov(features, rowvar=False),
                                    real.mean(0), np.cov(real, rowvar=False))
@@ -177,7 +179,7 @@ def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
 def test_evaluating_again_overwrites_with_the_same_numbers(evaluated):
   config, workdir, records = evaluated
   (workdir / "eval" / "20" / "results.md").write_text("stale")
-  again = evaluate.run(config, str(workdir))
+  again = sweep.run(config, str(workdir))
   for got, want in zip(again, records, strict=True):
     got, want = dict(got), dict(want)
     del got["seconds"], want["seconds"]  # Wall time differs; every metric must not.
@@ -203,7 +205,7 @@ def test_watch_evaluates_a_checkpoint_that_appears_later(evaluated, tmp_path):
 
   def watch():
     try:
-      found.update(evaluate.watch(config, str(workdir)))
+      found.update(sweep.watch(config, str(workdir)))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
@@ -226,9 +228,10 @@ def test_missing_inception_file_names_the_field(tmp_path):
   for path, error in ((None, ValueError), (str(tmp_path / "missing.pb"), FileNotFoundError)):
     config = eval_config(extractor="inception", inception_path=path)
     with pytest.raises(error, match="eval.inception_path"):
-      evaluate.run(config, str(tmp_path / "w"))
+      sweep.run(config, str(tmp_path / "w"))
     with pytest.raises(error, match="eval.inception_path"):  # The loader itself, too.
-      eval_reference.make_extractor(config, str(tmp_path / "w"))
+      reference.make_extractor(config.eval, config.data, str(tmp_path / "w"),
+                               num_classes=10, seed=0)
   assert not (tmp_path / "w").exists()
 
 
@@ -239,4 +242,4 @@ def test_missing_inception_file_names_the_field(tmp_path):
 def test_bad_eval_fields_are_named(tmp_path, field, value):
   config = eval_config(**{field: value})
   with pytest.raises(ValueError, match=f"config.eval.{field}"):
-    evaluate.run(config, str(tmp_path))
+    sweep.run(config, str(tmp_path))

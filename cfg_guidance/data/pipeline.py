@@ -7,10 +7,9 @@ that possible, hence grain over TFDS ArrayRecord data sources (`tfds.data_source
 files and in-memory arrays rather than tf.data, whose exact resume needs a TF checkpoint
 per process or a replay of the stream. grain only parallelises: batches are built by a pool
 of threads (PIL and numpy release the GIL) and, with `data.num_workers`, worker processes;
-the stream does not depend on either. Measured by bench/input_bench.py (ImageNet-sized
-JPEGs to 64x64, 2 shared cores): tf.data does ~950-1000 images per CPU-second, this one
-~510-550 (per image, PIL decode 1.1-1.6 ms and area resize 0.4-0.6 ms of CPU). We accept
-that for exact, cheap resumes; on TPU/GPU hosts more threads or worker processes pay it,
+the stream does not depend on either. Per CPU-second this decodes about half as many
+ImageNet-sized JPEGs as tf.data (bench/input_bench.py, bench/BENCHMARKS.md); we accept
+that for exact, cheap resumes: on TPU/GPU hosts more threads or worker processes pay it,
 and imagenet_resized (64x64 PNGs) skips most of it.
 """
 
@@ -18,21 +17,11 @@ import dataclasses
 import itertools
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from cfg_guidance.data import sources
-from cfg_guidance.data import stream
-
-load_digits_arrays = sources.load_digits_arrays
-
-
-class DatasetInfo(NamedTuple):
-  shape: tuple[int, ...]  # One example: (H, W, C), or (2,) for toy2d.
-  num_classes: int
-  num_train_examples: int | None  # None if unknown.
-
+from cfg_guidance.data import sources, stream, toy2d
 
 @dataclasses.dataclass(frozen=True)
 class _TfdsSpec:
@@ -49,8 +38,6 @@ _TFDS = {
 }
 DATASETS = ("digits", "toy2d", *_TFDS, "image_folder")
 _DIGITS_SHAPE = (8, 8, 1)
-_DIGITS_NUM_EXAMPLES = 1797
-_TOY_NUM_CLASSES = 3
 _DEFAULT_NUM_THREADS = 8
 
 
@@ -97,23 +84,6 @@ def _check_split(name: str, split: str) -> None:
                         if name == "image_folder" else "."))
 
 
-def dataset_info(data_config) -> DatasetInfo:
-  """Example shape, class count and training-set size of `data_config` (config.data)."""
-  name = _name(data_config)
-  if name == "digits":
-    _image_size(data_config, name)
-    return DatasetInfo(_DIGITS_SHAPE, 10, _DIGITS_NUM_EXAMPLES)
-  if name == "toy2d":
-    return DatasetInfo((2,), _TOY_NUM_CLASSES, _num_toy_examples(data_config))
-  if name == "image_folder":
-    classes, files, _ = sources.list_image_folder(_folder(data_config))
-    size = _image_size(data_config, name)
-    return DatasetInfo((size, size, 3), len(classes), len(files))
-  size = _image_size(data_config, name)
-  spec = _TFDS[name]
-  return DatasetInfo((size, size, 3), spec.num_classes, spec.num_train_examples)
-
-
 def _num_toy_examples(data_config) -> int:
   num = data_config.get("num_toy_examples", 50_000)
   if not isinstance(num, (int, np.integer)) or num <= 0:
@@ -130,8 +100,7 @@ def _open_source(data_config, split: str):
     images, labels = sources.load_digits_arrays()
     return sources.ArraySource(images, labels, flip_axis=2)
   if name == "toy2d":
-    from cfg_guidance import toy  # pylint: disable=g-import-not-at-top
-    x, labels = toy.sample_data(int(_field(data_config, "toy_seed", 0)),
+    x, labels = toy2d.sample_data(int(_field(data_config, "toy_seed", 0)),
                                 _num_toy_examples(data_config))
     return sources.ArraySource(x, labels, flip_axis=None)
   if name == "image_folder":

@@ -1,9 +1,12 @@
-"""Multi-process start-up: `jax.distributed.initialize` on pods, clusters or localhost."""
+"""Multi-process start-up (`jax.distributed.initialize` on pods, clusters or localhost),
+and the few host-side collectives the jobs use."""
 
 import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 
 def _auto_detected() -> bool:
@@ -37,3 +40,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return
   logging.info("Joined process group: process %d of %d.", jax.process_index(),
                jax.process_count())
+
+
+def gather(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Every process's rows, concatenated in process order (identity in one process).
+
+  Every process must call it with arrays of the same shapes.
+  """
+  if jax.process_count() == 1:
+    return arrays
+  return tuple(np.asarray(a) for a in multihost_utils.process_allgather(arrays, tiled=True))
+
+
+def chief_says(flag: bool) -> bool:
+  """Process 0's answer on every process, so that collective loops agree."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def chief_value(value: int) -> int:
+  """Process 0's integer on every process."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier called `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -57,24 +57,64 @@ class Checkpointer:
     With `step=None`, tries the newest checkpoint first and falls back to older ones when
     a checkpoint cannot be read. An explicit `step` must restore or raise.
     """
-    candidates = [step] if step is not None else self.all_steps()[::-1]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+    s, restored = self._restore_first(step, args)
+    return s, restored.state, dict(restored.data or {})
+
+  def restore_subtree(self, name: str, abstract: Any, step: int | None = None
+                      ) -> tuple[int, Any, dict]:
+    """`(step, state.<name>, config)`: one field of the saved state and the run's config.
+
+    Reads only that field's arrays (e.g. the EMA parameters, not the optimizer's
+    moments), whatever else the state holds. Falls back as `restore` does.
+    """
+    target = {name: abstract}
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        config=ocp.args.JsonRestore())
+    s, restored = self._restore_first(step, args)
+    if not restored.config:
+      raise CheckpointError(f"{self.step_path(s)} holds no config: it was not written by "
+                            "cfg_guidance's training.")
+    return s, restored.state[name], dict(restored.config)
+
+  def read_config(self, step: int | None = None) -> dict:
+    """The config saved with checkpoint `step` (None: the newest), as a dict."""
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.all_steps():
+      raise CheckpointError(f"no checkpoint {'' if step is None else f'for step {step} '}"
+                            f"in {self.directory} (available: {self.all_steps()})")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot read the config of {self.step_path(step)}: "
+                            f"{type(e).__name__}: {e}") from e
+    if not restored.config:
+      raise CheckpointError(f"{self.step_path(step)} holds no config: it was not written "
+                            "by cfg_guidance's training.")
+    return dict(restored.config)
+
+  def _restore_first(self, step: int | None, args: ocp.args.Composite) -> tuple[int, Any]:
+    """The first of `step` (or of every step, newest first) that restores with `args`."""
+    steps = self.all_steps()
+    candidates = [step] if step is not None else steps[::-1]
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     errors = []
     for s in candidates:
-      if s not in self.all_steps():
+      if s not in steps:
         raise CheckpointError(f"no checkpoint for step {s} in {self.directory} "
-                              f"(available: {self.all_steps()})")
+                              f"(available: {steps})")
       try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                       data=ocp.args.JsonRestore()))
+        return s, self._manager.restore(s, args=args)
       except Exception as e:  # pylint: disable=broad-except
         logging.error("Checkpoint %s could not be restored (%s: %s); trying an older one.",
                       self.step_path(s), type(e).__name__, e)
         errors.append(f"{self.step_path(s)}: {type(e).__name__}: {e}")
-        continue
-      return s, restored.state, dict(restored.data or {})
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
   def wait_until_finished(self) -> None:

@@ -5,11 +5,13 @@ literature's Inception-v3) and `classifier.py` (a small stand-in CNN).
 """
 
 import os
-import tempfile
 
+from etils import epath
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from cfg_guidance import files
 
 # improved-gan's inception_score.py and every paper since report IS over 10 splits.
 DEFAULT_SPLITS = 10
@@ -312,11 +314,8 @@ class FeatureStats:
     return float(scores.mean()), float(scores.std())
 
   def save(self, path):
-    """Writes an .npz with `mu`, `sigma` (ADM/TTUR's keys) and what merging needs.
-
-    The file appears atomically: it is written to a temporary file in the same
-    directory and renamed.
-    """
+    """Writes an .npz with `mu`, `sigma` (ADM/TTUR's keys) and what merging needs,
+    atomically, to any epath (gs:// too)."""
     arrays = {"mu": self.mean, "sigma": self.cov}
     if self._frozen_cov is None:
       arrays.update(count=np.int64(self.count), next_index=np.int64(self._next_index),
@@ -326,20 +325,7 @@ class FeatureStats:
     if self._split_count is not None:
       arrays.update(split_count=self._split_count, split_sum_p=self._split_sum_p,
                     split_sum_plogp=self._split_sum_plogp)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp_path, path)
-    except BaseException:
-      if os.path.exists(tmp_path):
-        os.remove(tmp_path)
-      raise
+    files.save_npz(path, **arrays)
 
   @classmethod
   def load(cls, path):
@@ -349,14 +335,13 @@ class FeatureStats:
     reference, but `update`/`merge` refuse them.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f"No statistics file at {path!r}.")
-    with np.load(path, allow_pickle=False) as data:
-      missing = {"mu", "sigma"} - set(data.files)
-      if missing:
-        raise ValueError(f"{path!r} is not a statistics file: it lacks "
-                         f"{sorted(missing)} (has {sorted(data.files)}).")
-      arrays = {key: data[key] for key in data.files}
+    arrays = files.load_npz(path)
+    missing = {"mu", "sigma"} - set(arrays)
+    if missing:
+      raise ValueError(f"{path!r} is not a statistics file: it lacks "
+                       f"{sorted(missing)} (has {sorted(arrays)}).")
     mu = arrays["mu"].astype(np.float64)
     sigma = arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):

@@ -11,7 +11,8 @@ import os
 from etils import epath
 import numpy as np
 
-from cfg_guidance import images, metrics
+from cfg_guidance import files, images
+from cfg_guidance.evaluation import metrics
 
 PR_K = 3  # Kynkäänniemi et al.'s neighbourhood size for precision/recall.
 
@@ -105,15 +106,18 @@ def metric_labels(names: dict, extractor_name: str) -> dict:
           "diversity": f"Intra-class feature std ({extractor_name})"}
 
 
-def results_metadata(config, *, step: int, extractor, reference_path, reference_count: int,
-             checkpoint) -> dict:
-  """What results.json says besides the records: checkpoint, sampler, extractor, names."""
-  ev, s = config.eval, config.sample
+def results_metadata(eval_config, settings, *, step: int, extractor, reference_path,
+                     reference_count: int, checkpoint) -> dict:
+  """What results.json says besides the records: checkpoint, sampler, extractor, names.
+
+  eval_config: config.eval; settings: the sweep's `generate.Settings`.
+  """
+  ev, s = eval_config, settings
   names = metrics.metric_names(extractor)
   meta = dict(
-      step=step, num_samples=ev.num_samples, sampler=s.sampler, num_steps=ev.num_steps,
+      step=step, num_samples=ev.num_samples, sampler=s.sampler, num_steps=s.num_steps,
       v=s.v, eta=s.eta, clip_x=s.clip_x, seed=ev.seed,
-      logsnr_min=config.diffusion.logsnr_min, logsnr_max=config.diffusion.logsnr_max,
+      logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
       extractor=extractor.name, comparable=bool(extractor.comparable), metric_names=names,
       metric_labels=metric_labels(names, extractor.name),
       reference_stats=os.fspath(reference_path), reference_count=reference_count or None,
@@ -260,9 +264,9 @@ def write_all(out_dir: epath.Path, metadata: dict, records: list[dict]) -> dict:
   paths = {"csv": out_dir / "results.csv", "markdown": out_dir / "results.md",
            "fid_vs_is": out_dir / "fid_vs_is.png",
            "metrics_vs_w": out_dir / "metrics_vs_w.png", "json": out_dir / "results.json"}
-  images.atomic_write_bytes(paths["csv"], to_csv(records).encode())
-  images.atomic_write_bytes(paths["markdown"], to_markdown(metadata, records).encode())
-  images.atomic_write_bytes(paths["fid_vs_is"], plot_fid_vs_is(metadata, records))
-  images.atomic_write_bytes(paths["metrics_vs_w"], plot_metrics_vs_w(metadata, records))
-  images.atomic_write_bytes(paths["json"], to_json(metadata, records).encode())
+  files.atomic_write_bytes(paths["csv"], to_csv(records).encode())
+  files.atomic_write_bytes(paths["markdown"], to_markdown(metadata, records).encode())
+  files.atomic_write_bytes(paths["fid_vs_is"], plot_fid_vs_is(metadata, records))
+  files.atomic_write_bytes(paths["metrics_vs_w"], plot_metrics_vs_w(metadata, records))
+  files.atomic_write_bytes(paths["json"], to_json(metadata, records).encode())
   return paths

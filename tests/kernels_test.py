@@ -1,5 +1,5 @@
-"""Tests for models/conv.py: values and both gradients against a float64 numpy
-convolution written from the definition, XLA's own convolution, remat and sharding."""
+"""Tests for runtime/kernels.py and the fast paths the layers get: values and both gradients
+against a float64 numpy convolution written from the definition, XLA's own, remat, sharding."""
 
 import itertools
 
@@ -9,7 +9,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from cfg_guidance.models import conv
+from cfg_guidance.runtime import backend, kernels
+
+
+def conv2d(x, kernel, *, stride=1):
+  """What the layers call: the default backend's convolution."""
+  return backend.fast_paths().conv2d(x, kernel, stride=stride)
+
+
+def matmul(x, w):
+  """What the layers call: the default backend's matmul."""
+  return backend.fast_paths().matmul(x, w)
 
 
 def _windows(h, k, s):
@@ -78,7 +88,7 @@ def test_values_and_grads_match_float64_and_xla(ksize, stride, size):
   x, k, g = _inputs(3, size, 5, 7, ksize, stride)
   want_y = np_conv(x, k, stride)
   want_dx, want_dk = np_conv_grads(x, k, g, stride)
-  for fn in (conv.conv2d, conv.xla_conv2d):
+  for fn in (conv2d, kernels.xla_conv2d):
     y, vjp = jax.vjp(jax.jit(lambda x, k, fn=fn: fn(x, k, stride=stride)), x, k)
     dx, dk = vjp(g)
     assert y.dtype == jnp.float32
@@ -90,7 +100,7 @@ def test_values_and_grads_match_float64_and_xla(ksize, stride, size):
 @pytest.mark.parametrize("ksize,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
 def test_bfloat16(ksize, stride):
   x, k, g = _inputs(2, 8, 16, 8, ksize, stride, jnp.bfloat16, seed=1)
-  y, vjp = jax.vjp(jax.jit(lambda x, k: conv.conv2d(x, k, stride=stride)), x, k)
+  y, vjp = jax.vjp(jax.jit(lambda x, k: conv2d(x, k, stride=stride)), x, k)
   dx, dk = vjp(g)
   assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
   want_dx, want_dk = np_conv_grads(x, k, g, stride)
@@ -115,13 +125,13 @@ def test_cpu_runs_1x1_as_a_matmul_and_3x3_as_xla_conv(monkeypatch):
   x, k1, _ = _inputs(2, 8, 4, 6, 1, 1)
   _, k3, _ = _inputs(2, 8, 4, 6, 3, 1)
   assert jax.default_backend() == "cpu"
-  assert "dot_general" in _primitives(conv.conv2d, x, k1)
-  assert "conv_general_dilated" not in _primitives(conv.conv2d, x, k1)
-  assert "conv_general_dilated" in _primitives(conv.conv2d, x, k3)
+  assert "dot_general" in _primitives(conv2d, x, k1)
+  assert "conv_general_dilated" not in _primitives(conv2d, x, k1)
+  assert "conv_general_dilated" in _primitives(conv2d, x, k3)
   # Elsewhere every kernel goes to XLA's convolution.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert "conv_general_dilated" in _primitives(conv.conv2d, x, k1)
-  assert "dot_general" not in _primitives(conv.conv2d, x, k1)
+  assert "conv_general_dilated" in _primitives(conv2d, x, k1)
+  assert "dot_general" not in _primitives(conv2d, x, k1)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -131,7 +141,7 @@ def test_matmul_values_and_grads_match_float64(x_shape, dtype, rtol):
   x = jax.random.normal(keys[0], x_shape, dtype)
   w = jax.random.normal(keys[1], (6, 4), dtype)
   g = jax.random.normal(keys[2], (*x_shape[:-1], 4), dtype)
-  y, vjp = jax.vjp(jax.jit(conv.matmul), x, w)
+  y, vjp = jax.vjp(jax.jit(matmul), x, w)
   dx, dw = vjp(g)
   assert y.dtype == dx.dtype == dw.dtype == dtype
   x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
@@ -142,17 +152,17 @@ def test_matmul_values_and_grads_match_float64(x_shape, dtype, rtol):
 
 def test_cpu_matmul_weight_gradient_is_one_dot_over_rows(monkeypatch):
   """Autodiff's weight gradient of jnp.dot is a dot then a transpose, which XLA:CPU runs
-  at a third of the matmul rate (bench/BENCHMARKS.md, change 14); ours is one dot."""
+  at a third of the matmul rate (bench/BENCHMARKS.md); ours is one dot."""
   x, w, g = jnp.ones((2, 5, 6)), jnp.ones((6, 4)), jnp.ones((2, 5, 4))
 
   def weight_grad_hlo(fn):
     return jax.jit(jax.grad(lambda w: jnp.sum(fn(x, w) * g))).lower(w).as_text()
-  ours, autodiff = weight_grad_hlo(conv.matmul), weight_grad_hlo(jnp.dot)
+  ours, autodiff = weight_grad_hlo(matmul), weight_grad_hlo(jnp.dot)
   assert "contracting_dims = [0] x [0]" in ours and "stablehlo.transpose" not in ours
   assert "stablehlo.transpose" in autodiff
   # Elsewhere it is jnp.dot, autodiff and all.
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert "custom_vjp_call" not in _primitives(conv.matmul, x, w)
+  assert "custom_vjp_call" not in _primitives(matmul, x, w)
 
 
 def _two_layer_loss(conv_fn, remat=False):
@@ -170,8 +180,8 @@ def _two_layer_loss(conv_fn, remat=False):
 def test_composes_with_checkpoint():
   x, k1, _ = _inputs(2, 8, 3, 6, 3, 1, seed=2)
   _, k2, g = _inputs(2, 8, 6, 5, 1, 2, seed=3)
-  want = jax.jit(jax.grad(_two_layer_loss(conv.xla_conv2d), (0, 1, 2)))(x, k1, k2, g)
-  got = jax.jit(jax.grad(_two_layer_loss(conv.conv2d, remat=True), (0, 1, 2)))(
+  want = jax.jit(jax.grad(_two_layer_loss(kernels.xla_conv2d), (0, 1, 2)))(x, k1, k2, g)
+  got = jax.jit(jax.grad(_two_layer_loss(conv2d, remat=True), (0, 1, 2)))(
       x, k1, k2, g)
   for a, b in zip(got, want):
     _assert_close(a, b, 1e-5)
@@ -184,10 +194,10 @@ def test_data_parallel_sharded_batch():
   batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   x, k1, _ = _inputs(16, 8, 3, 6, 3, 1, seed=4)
   _, k2, g = _inputs(16, 8, 6, 5, 1, 2, seed=5)
-  want = jax.jit(jax.grad(_two_layer_loss(conv.xla_conv2d), (0, 1, 2)))(x, k1, k2, g)
+  want = jax.jit(jax.grad(_two_layer_loss(kernels.xla_conv2d), (0, 1, 2)))(x, k1, k2, g)
   args = (jax.device_put(x, batch), jax.device_put(k1, replicated),
           jax.device_put(k2, replicated), jax.device_put(g, batch))
-  grad_fn = jax.jit(jax.grad(_two_layer_loss(conv.conv2d), (0, 1, 2)),
+  grad_fn = jax.jit(jax.grad(_two_layer_loss(conv2d), (0, 1, 2)),
                     out_shardings=(batch, replicated, replicated))
   got = grad_fn(*args)
   assert got[0].sharding.is_equivalent_to(batch, 4)
@@ -207,4 +217,4 @@ def test_bad_input_raises(x_shape, k_shape, dtypes, stride, match):
   x = jnp.zeros(x_shape, dtypes[0])
   k = jnp.zeros(k_shape, dtypes[1])
   with pytest.raises(ValueError, match=match):
-    conv.conv2d(x, k, stride=stride)
+    conv2d(x, k, stride=stride)

@@ -1,0 +1,296 @@
+"""Every configuration field, with its meaning, and the checks that run before compute.
+
+`configs/*.py` start from `get_config()` and override a few fields; `--config.X=V` on the
+command line overrides any of them. The model section is a preset from
+`cfg_guidance.models.presets`, whose fields each model declares once (`unet.UNetConfig`,
+`mlp.MLPConfig`); `use_model` installs one and ties the fields it shares with `data`.
+"""
+
+import importlib.util
+import os
+import uuid
+
+from etils import epath
+import jax
+import ml_collections
+
+from cfg_guidance import models
+from cfg_guidance.data import pipeline
+from cfg_guidance.models import eps, presets
+
+SAMPLERS = ("ancestral", "ddim")
+CLIP_MODES = ("none", "static", "dynamic")
+EXTRACTORS = ("inception", "classifier")
+FieldReference = ml_collections.FieldReference
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The full field list, with the digits model and neutral defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Root PRNG seed: every key is fold_in(root, step/process/example).
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "digits"  # One of data.pipeline.DATASETS.
+  data.image_size = 8  # Square side after crop+resize; tied to model.image_size.
+  data.data_dir = FieldReference(None, field_type=str)  # TFDS data_dir.
+  data.folder = FieldReference(None, field_type=str)  # image_folder root.
+  data.random_flip = False  # Random horizontal flips of training images.
+  data.num_workers = 0  # grain worker processes (0 = in the main process).
+  data.num_threads = 8  # Threads per process (or per grain worker) building batches.
+  data.num_toy_examples = 50_000  # Size of the fixed toy2d training set.
+  data.toy_seed = 0  # Seed of the fixed toy2d training set (config.seed only orders it).
+
+  use_model(config, presets.digits())  # What models.create takes; see use_model.
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.logsnr_min = -20.0  # λ_min of training and sampling.
+  diffusion.logsnr_max = 20.0  # λ_max of training and sampling.
+  diffusion.p_uncond = 0.1  # Probability of replacing the label with ∅ (Algorithm 1).
+  diffusion.parameterization = "eps"  # Network output: eps (the paper) | v.
+
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 1000  # Optimizer steps in total.
+  train.batch_size = 128  # Global batch size (all devices and processes).
+  train.optimizer = "adam"  # adam | adamw
+  train.learning_rate = 3e-4  # Peak learning rate.
+  train.warmup_steps = 100  # Linear warm-up steps from 0 to the peak.
+  train.b1 = 0.9  # Adam β1.
+  train.b2 = 0.999  # Adam β2.
+  train.weight_decay = 0.0  # AdamW decoupled weight decay.
+  train.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
+  train.ema_decay = 0.9999  # EMA decay of the parameters used for sampling.
+  train.ema_warmup = False  # Decay min(ema_decay, (1+step)/(10+step)): for short runs.
+  train.steps_per_dispatch = 1  # Optimizer steps per jitted call (lax.scan over batches).
+  train.max_consecutive_nonfinite = 10  # Stop after this many skipped updates in a row.
+  train.log_every = 50  # Steps between metric writes.
+  train.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
+  train.keep_checkpoints = 3  # Checkpoints kept on disk.
+  train.sample_every = 500  # Steps between EMA sample grids (0 = never).
+  train.sample_at_end = False  # After training, run --mode=sample on the final checkpoint.
+  train.evaluate_at_end = False  # After training, run --mode=evaluate on it.
+
+  config.sharding = sharding = ml_collections.ConfigDict()
+  sharding.fsdp = False  # Shard parameters and optimizer state over `data` (else replicate).
+  sharding.fsdp_min_size = 2**14  # Arrays smaller than this stay replicated under FSDP.
+
+  # The sampler of every job (--mode=sample, the sweep, the training grids): sampler, v,
+  # eta and clip_x are read here only; each job sets its own number of steps.
+  config.sample = sample = ml_collections.ConfigDict()  # --mode=sample
+  sample.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)  # One npz and grid per weight.
+  sample.num_samples = 100  # Samples per weight.
+  sample.classes = FieldReference(None, field_type=tuple)  # None: balanced over all.
+  sample.num_steps = 256  # Sampler steps T.
+  sample.sampler = "ancestral"  # ancestral | ddim
+  sample.v = 0.3  # Variance interpolation of Eq. 4 (ancestral).
+  sample.eta = 0.0  # DDIM stochasticity.
+  sample.clip_x = "static"  # none | static (x̃ to [-1, 1], as DDPM samples) | dynamic
+  sample.batch_size = 500  # Global examples per sampler call.
+  sample.seed = 0  # Example i's noise comes from fold_in(key(seed), i).
+  sample.step = FieldReference(None, field_type=int)  # Checkpoint; None: latest.
+
+  config.grid = grid = ml_collections.ConfigDict()  # Sample grids written during training.
+  grid.guidance_weights = (0.0, 1.0, 3.0)  # One grid row block per weight.
+  grid.classes = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # Columns: one per class.
+  grid.samples_per_class = 1  # Rows per weight.
+  grid.num_steps = 64  # Sampler steps for the grids.
+  grid.seed = 1234  # Fixed seed so grids compare across training.
+
+  config.eval = ev = ml_collections.ConfigDict()  # --mode=evaluate, with config.sample's sampler
+  ev.guidance_weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0)
+  ev.num_samples = 50_000  # Samples per weight.
+  ev.batch_size = 500  # Global examples per sampler call.
+  ev.num_steps = 256  # Sampler steps T.
+  ev.seed = 0  # Sampling seed (each example's noise comes from its global index).
+  ev.step = FieldReference(None, field_type=int)  # Checkpoint; None: latest.
+  ev.extractor = "inception"  # inception | classifier (a stand-in trained on the data)
+  ev.inception_path = FieldReference(None, field_type=str)  # classify_image_graph_def.pb
+  ev.reference_stats = FieldReference(None, field_type=str)  # Reference npz (mu, sigma).
+  ev.precision_recall = False  # Also compute k-NN precision/recall (keeps features).
+  ev.classifier_steps = 2000  # Training steps of the stand-in classifier.
+  ev.watch = False  # Keep evaluating each new checkpoint as it appears.
+  ev.watch_interval = 60.0  # Seconds between checks for a new checkpoint in watch mode.
+  ev.watch_timeout = 0.0  # Stop watching after this many idle seconds (0 = never).
+  ev.pr_num_samples = 10_000  # Real and fake features kept for precision/recall (k = 3).
+  ev.grid_class = 0  # The one class on the right of each w's sample grid (Figs. 6/7).
+  ev.grid_size = 6  # Each w's grid: grid_size² random-class samples, as many of grid_class.
+  return config
+
+
+def use_model(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  """Makes `model` (a preset) config.model; an image model's size becomes data's too.
+
+  The two `image_size` fields are one FieldReference afterwards: setting either (in a
+  config file or on the command line) sets both.
+  """
+  if "image_size" in model:
+    if "data" in config:
+      config.data.image_size = model.image_size
+      model.image_size = config.data.get_ref("image_size")
+  config.model = model
+
+
+def load_file(path: str, argument: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(argument)` of a config file, as `--config=path[:argument]` loads it."""
+  spec = importlib.util.spec_from_file_location(f"_config_{uuid.uuid4().hex}", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file at {path!r}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if argument is None else module.get_config(argument)
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """The config a run saved with its checkpoints (`config.to_dict()` through JSON).
+
+  Fields it lacks keep get_config()'s defaults; JSON's lists become tuples again.
+  """
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+  config = get_config()
+  for section, fields in tuples(saved).items():
+    if isinstance(fields, dict) and section in config and section != "model":
+      config[section].update(fields)
+    else:  # The model section whole: which fields it has depends on the model.
+      config[section] = ml_collections.ConfigDict(fields) if isinstance(fields, dict) \
+          else fields
+  return config
+
+
+# --- Checks that run before any compute, each error naming the field. ---
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def check_common(config: ml_collections.ConfigDict) -> None:
+  """Fields every mode reads: data, model, diffusion."""
+  _require(config.data.name in pipeline.DATASETS,
+           f"config.data.name={config.data.name!r} is not a known data set; choose one of "
+           f"{pipeline.DATASETS}.")
+  models.parse_config(config.model)  # Names config.model.<field>.
+  d = config.diffusion
+  _require(0.0 <= d.p_uncond <= 1.0,
+           f"config.diffusion.p_uncond={d.p_uncond} must lie in [0, 1].")
+  _require(d.logsnr_min < d.logsnr_max,
+           f"config.diffusion.logsnr_min={d.logsnr_min} must be below "
+           f"config.diffusion.logsnr_max={d.logsnr_max}.")
+  _require(d.parameterization in eps.PARAMETERIZATIONS,
+           f"config.diffusion.parameterization={d.parameterization!r} must be one of "
+           f"{eps.PARAMETERIZATIONS}.")
+
+
+def check_sampler(config: ml_collections.ConfigDict, num_steps_field: str) -> None:
+  """config.sample's sampler settings, and the job's step count (e.g. "eval.num_steps")."""
+  s = config.sample
+  _require(s.sampler in SAMPLERS,
+           f"config.sample.sampler={s.sampler!r} must be one of {SAMPLERS}.")
+  _require(s.clip_x in CLIP_MODES,
+           f"config.sample.clip_x={s.clip_x!r} must be one of {CLIP_MODES}.")
+  _require(0.0 <= s.v <= 1.0, f"config.sample.v={s.v} must lie in [0, 1].")
+  _require(0.0 <= s.eta <= 1.0, f"config.sample.eta={s.eta} must lie in [0, 1].")
+  section, name = num_steps_field.split(".")
+  _require(config[section][name] >= 1,
+           f"config.{num_steps_field}={config[section][name]} must be at least 1.")
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists or can be made, and a file can be written in it."""
+  path = epath.Path(workdir)
+  probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable: {e}") from e
+
+
+def check_train(config: ml_collections.ConfigDict, workdir: str,
+                num_devices: int | None = None) -> None:
+  """Everything training needs, checked before any compute (and before the workdir)."""
+  num_devices = num_devices or jax.device_count()
+  check_common(config)
+  t = config.train
+  _require(t.optimizer in ("adam", "adamw"),
+           f"config.train.optimizer={t.optimizer!r} must be 'adam' or 'adamw'.")
+  _require(t.num_steps >= 0, f"config.train.num_steps={t.num_steps} must be >= 0.")
+  _require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be >= 1.")
+  _require(t.batch_size % num_devices == 0,
+           f"config.train.batch_size={t.batch_size} must be divisible by the number of "
+           f"devices ({num_devices}).")
+  _require(t.batch_size % jax.process_count() == 0,
+           f"config.train.batch_size={t.batch_size} must be divisible by the number of "
+           f"processes ({jax.process_count()}).")
+  _require(t.steps_per_dispatch >= 1,
+           f"config.train.steps_per_dispatch={t.steps_per_dispatch} must be >= 1.")
+  _require(0.0 <= t.ema_decay < 1.0,
+           f"config.train.ema_decay={t.ema_decay} must lie in [0, 1).")
+  _require(t.learning_rate > 0,
+           f"config.train.learning_rate={t.learning_rate} must be positive.")
+  _require(t.max_consecutive_nonfinite >= 1,
+           f"config.train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} must be "
+           ">= 1.")
+  check_sampler(config, "grid.num_steps")
+  check_workdir(workdir)
+
+
+def check_sample(config: ml_collections.ConfigDict) -> None:
+  """Everything --mode=sample reads."""
+  check_common(config)
+  check_sampler(config, "sample.num_steps")
+  s = config.sample
+  _require(s.num_samples >= 1, f"config.sample.num_samples={s.num_samples} must be >= 1.")
+  _require(s.batch_size >= 1, f"config.sample.batch_size={s.batch_size} must be >= 1.")
+
+
+def check_eval(config: ml_collections.ConfigDict, *, min_samples: int, pr_k: int) -> None:
+  """Every field the evaluation reads; `min_samples` (IS splits) and `pr_k` from it."""
+  check_common(config)
+  check_sampler(config, "eval.num_steps")
+  ev, num_classes = config.eval, config.model.num_classes
+  _require(config.model.name == "unet",
+           f"config.model.name={config.model.name!r}: --mode=evaluate measures image "
+           "samples, so it needs an image model ('unet').")
+  _require(len(ev.guidance_weights) > 0
+           and all(isinstance(w, (int, float)) and abs(float(w)) < float("inf")
+                   for w in ev.guidance_weights),
+           f"config.eval.guidance_weights={ev.guidance_weights} must be finite numbers.")
+  _require(ev.num_samples >= min_samples,
+           f"config.eval.num_samples={ev.num_samples} must be at least {min_samples} (the "
+           "Inception Score's splits).")
+  _require(ev.batch_size >= 1, f"config.eval.batch_size={ev.batch_size} must be >= 1.")
+  _require(ev.extractor in EXTRACTORS,
+           f"config.eval.extractor={ev.extractor!r} must be one of {EXTRACTORS}.")
+  _require(ev.classifier_steps >= 1,
+           f"config.eval.classifier_steps={ev.classifier_steps} must be >= 1.")
+  _require(0 <= ev.grid_class < num_classes,
+           f"config.eval.grid_class={ev.grid_class} must lie in [0, {num_classes}).")
+  _require(ev.grid_size >= 1, f"config.eval.grid_size={ev.grid_size} must be >= 1.")
+  _require(not ev.precision_recall or ev.pr_num_samples > pr_k,
+           f"config.eval.pr_num_samples={ev.pr_num_samples} must exceed k={pr_k}.")
+  _require(ev.watch_interval > 0,
+           f"config.eval.watch_interval={ev.watch_interval} must be positive.")
+  _require(ev.watch_timeout >= 0,
+           f"config.eval.watch_timeout={ev.watch_timeout} must be >= 0 (0 = never).")
+
+
+def check_same_model(config: ml_collections.ConfigDict,
+                     saved: ml_collections.ConfigDict, where: str) -> None:
+  """The config's model is the one the run at `where` trained, field by field."""
+  ours = models.parse_config(config.model)[1]
+  theirs = models.parse_config(saved.model)[1]
+  differ = [f"config.model.{k}={getattr(ours, k)!r} (the run has {getattr(theirs, k)!r})"
+            for k in vars(ours) if type(ours) is type(theirs)
+            and getattr(ours, k) != getattr(theirs, k)]
+  if type(ours) is not type(theirs):
+    differ = [f"config.model.name={config.model.name!r} (the run has "
+              f"{saved.model.name!r})"]
+  p, q = config.diffusion.parameterization, saved.diffusion.parameterization
+  if p != q:
+    differ.append(f"config.diffusion.parameterization={p!r} (the run has {q!r})")
+  _require(not differ, f"The config does not match the run at {where}: "
+           + "; ".join(differ) + ". Use the run's config file and settings.")

@@ -1,0 +1,196 @@
+"""--mode=evaluate: FID, IS and more of a checkpoint's EMA samples for each guidance weight.
+
+Example i has label i mod num_classes and is drawn by the sampling driver
+(`generate`) from fold_in(key(eval.seed), i), so the images do not depend on batch size,
+device count or process count. Features stream into float64 statistics on process 0,
+which writes WORKDIR/eval/<step>/ (the files are made in report.py).
+"""
+
+import logging
+import time
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from cfg_guidance import api, generate, images
+from cfg_guidance import config as config_lib
+from cfg_guidance.evaluation import classifier, inception, metrics, reference, report
+from cfg_guidance.runtime import checkpointing, distributed, sharding
+
+# The grids' keys hang off fold_in(key(seed), GRID_STREAM), an index no sweep reaches.
+GRID_STREAM = 2**32 - 1
+_WAIT, _STOP = -1, -2  # Watch-mode actions besides "evaluate step s >= 0".
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every field the evaluation reads, checked before any compute."""
+  config_lib.check_eval(config, min_samples=metrics.DEFAULT_SPLITS, pr_k=report.PR_K)
+  if config.eval.extractor == "inception":
+    inception.resolve_graph_path(config.eval.inception_path)  # Names the field.
+
+
+class Evaluation:
+  """What every checkpoint's sweep shares: mesh, extractor, reference, sampler, writer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
+    check_config(config)
+    self.config, self.workdir = config, epath.Path(workdir)
+    self.mesh = mesh or sharding.create_mesh()
+    self.settings = generate.settings_from_config(config, num_steps=config.eval.num_steps,
+                                                  batch_size=config.eval.batch_size)
+    self.is_chief = jax.process_index() == 0
+    # Made by every process (Orbax synchronises them); listing steps later is local.
+    self.checkpoints = checkpointing.Checkpointer(self.workdir, create=False)
+    ev = config.eval
+    self.extractor = reference.make_extractor(ev, config.data, workdir,
+                                              num_classes=config.model.num_classes,
+                                              seed=config.seed)
+    self.reference, self.reference_path, self.real_features = (
+        reference.reference_statistics(ev, config.data, workdir, self.extractor,
+                                       image_shape=self.settings.shape))
+    # clu imports TensorFlow (~5 s): only a running evaluation needs it.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.writer = metric_writers.create_default_writer(
+        self.workdir / "eval", just_logging=not self.is_chief)
+
+  def evaluate(self, step: int | None = None) -> tuple[int, list[dict]]:
+    """Sweeps eval.guidance_weights on checkpoint `step` (None: the latest).
+
+    Returns (step, records); the records are process 0's, [] on other processes.
+    """
+    model = api.load(self.workdir, step, mesh=self.mesh)
+    config_lib.check_same_model(self.config, model.config, str(model.path))
+    out_dir = self.workdir / "eval" / str(model.step)
+    records = []
+    for w in self.config.eval.guidance_weights:
+      start = time.time()
+      record = self._sweep(model.eps_fn, float(w))
+      grid = self._grid(model.eps_fn, float(w))
+      if self.is_chief:
+        record["seconds"] = time.time() - start
+        images.save_png(out_dir / f"samples_w{float(w):g}.png", grid)
+        self.writer.write_images(model.step, {f"samples/w={float(w):g}": grid[None]})
+        logging.info("Step %d, w=%g: %s", model.step, w, record)
+        records.append(record)
+    if self.is_chief:
+      self._write(model.step, model.path, out_dir, records)
+    distributed.barrier(f"evaluate step {model.step}")  # Process 0 has written.
+    return model.step, records
+
+  def _sweep(self, eps_fn, w: float) -> dict | None:
+    """eval.num_samples samples at weight w, streamed through the extractor."""
+    ev, num_classes = self.config.eval, self.config.model.num_classes
+    stats = report.SweepStats(
+        num_samples=ev.num_samples, num_classes=num_classes,
+        keep=ev.pr_num_samples if ev.precision_recall else 0,
+        with_accuracy=isinstance(self.extractor, classifier.ClassifierExtractor))
+    labels = np.arange(ev.num_samples) % num_classes
+    for batch in generate.batches(eps_fn, labels, w, settings=self.settings, seed=ev.seed,
+                                  mesh=self.mesh):
+      features, logits = self.extractor(images.to_uint8(batch.samples))
+      indices, valid, features, logits = distributed.gather(batch.indices, batch.valid,
+                                                            features, logits)
+      if self.is_chief:
+        stats.add(indices[valid], features[valid], logits[valid],
+                  indices[valid] % num_classes)
+    if not self.is_chief:
+      return None
+    return {"w": w, **stats.results(self.reference, self.real_features)}
+
+  def _grid(self, eps_fn, w: float) -> np.ndarray | None:
+    """Figs. 6/7 at a fixed seed: random classes left, eval.grid_class right."""
+    ev = self.config.eval
+    n = ev.grid_size**2
+    rng = np.random.default_rng(ev.seed)
+    labels = np.concatenate([rng.integers(0, self.config.model.num_classes, n),
+                             np.full(n, ev.grid_class)])
+    # Whole sweep batches (padded with repeats), so no second program is compiled.
+    batch = generate.global_batch_size(self.settings, ev.num_samples, self.mesh)
+    labels = np.resize(labels, -(-2 * n // batch) * batch)
+    x = generate.draw(eps_fn, labels, w, settings=self.settings, seed=ev.seed,
+                      stream=GRID_STREAM, mesh=self.mesh)
+    if not self.is_chief:
+      return None
+    return report.sample_grid(x[:n], x[n:2 * n], ev.grid_size)
+
+  def _write(self, step: int, checkpoint: epath.Path, out_dir: epath.Path,
+             records: list[dict]) -> None:
+    metadata = report.results_metadata(
+        self.config.eval, self.settings, step=step, extractor=self.extractor,
+        reference_path=self.reference_path, reference_count=self.reference.count,
+        checkpoint=checkpoint)
+    report.write_all(out_dir, metadata, records)
+    report.write_scalars(self.writer, step, metadata, records)
+    logging.info("Evaluation of step %d, written to %s:\n%s", step, out_dir,
+                 report.to_markdown(metadata, records))
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[dict]:
+  """--mode=evaluate: one record per guidance weight, also written to WORKDIR/eval/<step>/.
+
+  Evaluates eval.step (None: the latest checkpoint), or with eval.watch every checkpoint
+  as it appears (returning the last one's records). Records are [] off process 0.
+  """
+  check_config(config)
+  if config.eval.watch:
+    results = watch(config, workdir, mesh)
+    return results[max(results)] if results else []
+  if config.eval.step is None and not distributed.chief_says(
+      bool(checkpointing.Checkpointer(workdir, create=False).all_steps())):
+    raise checkpointing.CheckpointError(f"no checkpoint in {epath.Path(workdir)}/checkpoints "
+                                        "to evaluate (--workdir).")
+  evaluation = Evaluation(config, workdir, mesh)
+  try:
+    return evaluation.evaluate(config.eval.step)[1]
+  finally:
+    evaluation.close()
+
+
+def _next_action(evaluation: Evaluation, final_step: int, skipped: set, idle_since: float,
+                 timeout: float) -> int:
+  """The oldest checkpoint without results, else _STOP (final done, or idle) or _WAIT."""
+  steps = evaluation.checkpoints.all_steps()
+  done = lambda s: (evaluation.workdir / "eval" / str(s) / "results.json").exists()
+  pending = [s for s in steps if s not in skipped and not done(s)]
+  if pending:
+    return pending[0]
+  if steps and steps[-1] >= final_step:
+    return _STOP
+  if timeout and time.monotonic() - idle_since >= timeout:
+    return _STOP
+  return _WAIT
+
+
+def watch(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict[int, list]:
+  """Evaluates each checkpoint of a training run as it appears: {step: records}.
+
+  Polls every eval.watch_interval seconds; skips checkpoints that already have results;
+  stops once a step >= train.num_steps is evaluated, or after eval.watch_timeout idle
+  seconds (0 = never). Process 0 decides, so every process evaluates the same steps.
+  """
+  ev = config.eval
+  evaluation = Evaluation(config, workdir, mesh)
+  results, skipped, idle_since = {}, set(), time.monotonic()
+  try:
+    while True:
+      action = distributed.chief_value(
+          _next_action(evaluation, config.train.num_steps, skipped, idle_since,
+                       ev.watch_timeout) if evaluation.is_chief else 0)
+      if action == _STOP:
+        return results
+      if action == _WAIT:
+        time.sleep(ev.watch_interval)
+        continue
+      try:
+        results[action] = evaluation.evaluate(action)[1]
+      except checkpointing.CheckpointError as e:  # Deleted by training's max_to_keep.
+        logging.warning("Skipping step %d: %s", action, e)
+        skipped.add(action)
+      idle_since = time.monotonic()
+  finally:
+    evaluation.close()

@@ -1,1 +1,0 @@
-"""Experiment configs: `default.py` holds every field; the others override a few."""
