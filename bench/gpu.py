@@ -1,24 +1,23 @@
 """Accelerator benchmark: the ImageNet 64×64 ADM train step in bfloat16, and guided sampling.
 
-  python -m bench.gpu [--batch=64] [--remat] [--attention_impl=cudnn] [--sample_batch=64]
-      [--num_steps=256] [--profile_steps=3] [--out=DIR]
+  python -m bench.gpu [--model=imagenet64] [--batch=64] [--remat] [--attention_impl=cudnn]
+      [--sample_batch=64] [--num_steps=256] [--profile_steps=3] [--skip_check] [--out=DIR]
 
 Reports images/s, model-FLOP utilisation (FLOPs from XLA's cost analysis of the
 un-optimised step, against both the chip's spec bf16 peak and a matmul measured in the
-same run), compile times and peak memory. With an --attention_impl other than einsum it
-checks that implementation against the einsum form on the same parameters (unless
---skip_check). With --profile_steps it traces that many train steps and reports where
-the device's time goes: per step, by kind of work, by XLA operation and by kernel. Each
-result is appended to DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still
-reports what it measured, and a stage that fails is recorded as an error without
-stopping the others.
+same run), compile times and peak memory. The variants are the model's own config
+options (--dtype, --remat, --attention_impl). With an --attention_impl other than einsum
+it first checks that implementation against the einsum form on the same parameters
+(unless --skip_check). With --profile_steps it traces that many train steps and reports
+the device's time per step by kind of work and by kernel. Each result is appended to
+DIR/gpu_bench.jsonl as soon as it exists, so a run cut short still reports what it
+measured, and a stage that fails is recorded as an error without stopping the others.
 """
 
 import argparse
 import collections
 import functools
 import glob
-import gzip
 import json
 import os
 import re
@@ -27,53 +26,44 @@ import tempfile
 import time
 import traceback
 
-from flax import nnx
 import jax
-from jax.experimental.layout import Format, Layout
 import jax.numpy as jnp
 import numpy as np
 
-from bench import fusion_traffic
-from cfg_guidance import models, sampling, train
-from configs import adm
+from cfg_guidance import config as config_lib
+from cfg_guidance import generate, train
+from cfg_guidance import state as state_lib
+from cfg_guidance.models import eps, presets
+from cfg_guidance.runtime import backend, sharding
 
 # Dense bf16 peak of common chips, TFLOP/s (vendor specs; no sparsity).
 SPEC_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
                     "TPU v5 lite": 197.0, "TPU v5p": 459.0}
 
 
-def _emit(out_dir, record, filename="gpu_bench.jsonl"):
-  """Prints a result and appends it to DIR/filename."""
+def _emit(out_dir, record):
+  """Prints a result and appends it to DIR/gpu_bench.jsonl."""
   print(json.dumps(record), flush=True)
   if out_dir:
-    with open(os.path.join(out_dir, filename), "a") as f:
+    with open(os.path.join(out_dir, "gpu_bench.jsonl"), "a") as f:
       f.write(json.dumps(record) + "\n")
 
 
 def _spec_peak(device) -> float | None:
-  kind = device.device_kind
-  for name, tflops in SPEC_BF16_TFLOPS.items():
-    if name in kind:
-      return tflops * 1e12
-  return None
+  return next((tflops * 1e12 for name, tflops in SPEC_BF16_TFLOPS.items()
+               if name in device.device_kind), None)
 
 
-def _time(fn, *args, iters):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / iters, out
-
-
-def matmul_peak(n: int = 8192) -> float:
+def matmul_peak(n: int = 8192, iters: int = 20) -> float:
   """Measured bf16 matmul FLOP/s on this chip."""
   a = jnp.ones((n, n), jnp.bfloat16)
   f = jax.jit(lambda a: a @ a)
-  seconds, _ = _time(f, a, iters=20)
-  return 2 * n**3 / seconds
+  jax.block_until_ready(f(a))
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = f(a)
+  jax.block_until_ready(out)
+  return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
 def _flops(step, *args) -> tuple[float, str]:
@@ -106,9 +96,7 @@ def _with(model_config, **overrides):
 
 
 def _init_params(model_config):
-  create = lambda k: nnx.state(models.create(model_config, rngs=nnx.Rngs(params=k)),
-                               nnx.Param).to_pure_dict()
-  return jax.jit(create)(jax.random.key(0))
+  return jax.jit(functools.partial(eps.init_params, model_config))(jax.random.key(0))
 
 
 def attention_check(name: str, model_config, n: int, out_dir: str | None):
@@ -118,22 +106,21 @@ def attention_check(name: str, model_config, n: int, out_dir: str | None):
   same measure for the einsum form in float32, the size of the dtype's own rounding.
   Parameters get N(0, 0.02²) noise so the zero-initialised layers carry signal.
   """
-  noise = lambda k, p: p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
   params = _init_params(model_config)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [noise(k, p) for k, p in zip(keys, leaves)])
+  params = jax.tree.unflatten(treedef, [
+      p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
   z = jax.random.normal(jax.random.key(2), (n, *_shape(model_config)), jnp.float32)
   logsnr = jnp.linspace(-5.0, 5.0, n)
   labels = jnp.arange(n, dtype=jnp.int32) % (model_config.num_classes + 1)
 
-  def eps(**overrides):
-    fn = train.make_eps_fn(train.model_graphdef(_with(model_config, **overrides)), "eps")
+  def eps_of(**overrides):
+    fn = eps.make_eps_fn(eps.graphdef(_with(model_config, **overrides)), "eps")
     return np.asarray(jax.jit(fn)(params, z, logsnr, labels), np.float64)
 
-  want = eps(attention_impl="einsum")
-  got = eps()
-  exact = eps(attention_impl="einsum", dtype="float32")
+  want, got = eps_of(attention_impl="einsum"), eps_of()
+  exact = eps_of(attention_impl="einsum", dtype="float32")
   rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
   _emit(out_dir, {"bench": "attention_check", "model": name,
                   "attention_impl": model_config.attention_impl,
@@ -143,26 +130,86 @@ def attention_check(name: str, model_config, n: int, out_dir: str | None):
                   "rel_diff_vs_float32": rel(got, exact)})
 
 
-def _train_step(model_config, tx, auto_layout=False):
-  """The jitted train step (state donated). auto_layout: the compiler picks the train
-  state's memory layout, in and out (jax's Layout.AUTO), instead of row-major."""
-  layouts = {}
-  if auto_layout:
-    auto = Format(Layout.AUTO)
-    layouts = dict(in_shardings=(auto, None), out_shardings=(auto, None))
-  return jax.jit(functools.partial(
-      train.train_step, graphdef=train.model_graphdef(model_config), tx=tx,
-      rng=jax.random.key(1),
-      diffusion_config=dict(logsnr_min=-20., logsnr_max=20., p_uncond=0.1,
-                            parameterization="eps"),
-      null_label=model_config.num_classes, ema_decay=0.9999), donate_argnums=0,
-                 **layouts)
+def _train_step(model_config, defaults, tx):
+  """The library's train step (Adam, EMA, clipping, label dropout), state donated."""
+  return backend.jit(functools.partial(
+      train.train_step, graphdef=eps.graphdef(model_config), tx=tx, rng=jax.random.key(1),
+      diffusion_config=dict(defaults.diffusion), null_label=model_config.num_classes,
+      ema_decay=defaults.train.ema_decay), donate_argnums=0)
+
+
+def train_step_bench(name: str, model_config, batch: int, peaks: dict,
+                     out_dir: str | None):
+  """Emits the train_step record; returns (compiled step, state, batch) for a profile."""
+  defaults = config_lib.get_config()  # The default optimizer and diffusion settings.
+  tx = train.make_optimizer(defaults.train)
+  init = functools.partial(state_lib.init, model_config=model_config, tx=tx)
+  state = jax.jit(init)(jax.random.key(0))
+  step = _train_step(model_config, defaults, tx)
+  data = {"image": jnp.zeros((batch, *_shape(model_config)), jnp.float32),
+          "label": jnp.zeros((batch,), jnp.int32)}
+  start = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  # Model FLOPs are counted on the einsum form whatever runs: a fused attention kernel is
+  # a custom call that cost analysis does not see.
+  if model_config.attention_impl != "einsum":
+    step = _train_step(_with(model_config, attention_impl="einsum"), defaults, tx)
+  flops, flops_source = _flops(step, state, data)
+  state, _ = compiled(state, data)
+  jax.block_until_ready(state)
+  iters = 10
+  start = time.perf_counter()
+  for _ in range(iters):
+    state, metrics = compiled(state, data)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / iters
+  stats = jax.devices()[0].memory_stats() or {}
+  record = {"bench": "train_step", "model": name,
+            "dtype": model_config.dtype, "batch": batch, "remat": model_config.remat,
+            "attention_impl": model_config.attention_impl,
+            "compile_s": round(compile_s, 1), "step_s": seconds,
+            "images_per_s": batch / seconds, "flops_per_step": flops,
+            "tflops_per_s": flops / seconds / 1e12, "flops_counted": flops_source,
+            "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+  for peak_name, peak in peaks.items():
+    if peak:
+      record[f"mfu_vs_{peak_name}"] = flops / seconds / peak
+  _emit(out_dir, record)
+  return compiled, state, data
+
+
+def sampling_bench(name: str, model_config, n: int, num_steps: int, out_dir: str | None):
+  """Guided ancestral sampling through the sampling driver, T steps, one 2N-batch
+  network call per step; the first call compiles, the second is timed."""
+  eps_fn = jax.tree_util.Partial(eps.make_eps_fn(eps.graphdef(model_config), "eps"),
+                                 _init_params(model_config))
+  labels = np.arange(n, dtype=np.int32) % model_config.num_classes
+  settings = generate.Settings(shape=_shape(model_config),
+                               null_label=model_config.num_classes, num_steps=num_steps,
+                               batch_size=n, v=0.3)
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  run = lambda seed: generate.draw(eps_fn, labels, 1.0, settings=settings, seed=seed,
+                                   mesh=mesh)
+  start = time.perf_counter()
+  run(0)
+  first_s = time.perf_counter() - start
+  start = time.perf_counter()
+  run(1)
+  seconds = time.perf_counter() - start
+  _emit(out_dir, {"bench": "guided_sampling", "model": name,
+                  "dtype": model_config.dtype,
+                  "attention_impl": model_config.attention_impl,
+                  "n": n, "num_steps": num_steps,
+                  "compile_and_first_s": round(first_s, 1), "seconds": seconds,
+                  "images_per_s": n / seconds,
+                  "network_images_per_s": 2 * n * num_steps / seconds})
 
 
 # Kinds of device work, matched in order against "<XLA op> <kernel name>", lower case.
 # cuDNN's fused attention kernels say fmha/flash/sdpa (its backward's dO·O helper,
 # dot_do_o); its convolutions fprop, dgrad and wgrad (XLA names the ops cudnn-conv*);
-# cuBLAS and Triton matmuls gemm or nvjet.
+# cuBLAS and Triton matmuls gemm or nvjet; XLA:CPU's library calls ynn_fusion.
 PROFILE_KINDS = (
     ("attention", r"fmha|flash|sdpa|dot_do_o"),
     ("convolution", r"cudnn-conv|convolution|fprop|dgrad|wgrad|implicit_gemm"),
@@ -174,7 +221,9 @@ PROFILE_KINDS = (
 
 
 def _kind(op: str, kernel: str) -> str:
-  return fusion_traffic.first_kind(PROFILE_KINDS, f"{op} {kernel}".lower()) or "other"
+  text = f"{op} {kernel}".lower()
+  return next((kind for kind, pattern in PROFILE_KINDS if re.search(pattern, text)),
+              "other")
 
 
 def profile_events(profile):
@@ -207,38 +256,31 @@ def _ungrouped(name: str) -> str:
 
 
 def summarise_profile(events, steps: int, top: int = 25) -> dict:
-  """Milliseconds per step of device work, by kind, by XLA op and by kernel.
+  """Milliseconds per step of device work, by kind and by kernel.
 
-  Ops and kernels are grouped with their numeric suffix dropped, and listed with their
-  count per step. busy_ms sums the work and span_ms runs from first start to last end:
-  busy / span below 1 is time the device waited, above 1 work that overlapped (CPU
-  threads, GPU streams).
+  Kernels are grouped with their numeric suffix dropped, and listed with their count per
+  step. busy_ms sums the work and span_ms runs from first start to last end: busy / span
+  below 1 is time the device waited, above 1 work that overlapped (CPU threads, GPU
+  streams).
   """
   per_step = lambda ns: ns / 1e6 / steps
-  kinds, ops, kernels = (collections.Counter() for _ in range(3))
-  counts = collections.Counter()
+  kinds, kernels, counts = (collections.Counter() for _ in range(3))
   for op, kernel, _, duration in events:
     kinds[_kind(op, kernel)] += duration
-    op, kernel = _ungrouped(op), _ungrouped(kernel)[:120]
-    ops[op] += duration
+    kernel = _ungrouped(kernel)[:120]
     kernels[kernel] += duration
-    counts[op, "op"] += 1
-    counts[kernel, "kernel"] += 1
+    counts[kernel] += 1
   start = min(e[2] for e in events)
   end = max(e[2] + e[3] for e in events)
   return {"steps": steps, "events_per_step": len(events) / steps,
           "busy_ms": per_step(sum(kinds.values())), "span_ms": per_step(end - start),
           "by_kind_ms": {k: per_step(v) for k, v in kinds.most_common()},
-          "top_ops": [[op, per_step(ns), counts[op, "op"] / steps]
-                      for op, ns in ops.most_common(top)],
-          "top_kernels": [[k, per_step(ns), counts[k, "kernel"] / steps]
+          "top_kernels": [[k, per_step(ns), counts[k] / steps]
                           for k, ns in kernels.most_common(top)]}
 
 
-def trace_events(prepared, steps: int, keep: str | None = None):
-  """Runs `steps` train steps under jax.profiler; returns profile_events of the trace
-  and the state after them. keep: a path for the gzipped trace, if under 15 MB."""
-  compiled, state, data = prepared
+def trace_events(compiled, state, data, steps: int):
+  """profile_events of `steps` train steps run under jax.profiler."""
   trace_dir = tempfile.mkdtemp(prefix="bench_gpu_trace_")
   try:
     jax.block_until_ready(state)
@@ -255,101 +297,22 @@ def trace_events(prepared, steps: int, keep: str | None = None):
     if not events:
       lines = {p.name: [line.name for line in p.lines] for p in profile.planes}
       raise ValueError(f"No device work in the trace; its planes and lines: {lines}")
-    if keep:
-      with open(path, "rb") as src, gzip.open(keep, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-      if os.path.getsize(keep) > 15e6:  # More than a device session brings back.
-        os.remove(keep)
-    return events, state
+    return events
   finally:
     shutil.rmtree(trace_dir, ignore_errors=True)
 
 
 def kernel_profile(name: str, prepared, steps: int, out_dir: str | None):
-  """Traces `steps` train steps; emits summarise_profile's record and keeps the trace
-  (DIR/train_step.xplane.pb.gz, if under 15 MB) for a closer look."""
-  keep = os.path.join(out_dir, "train_step.xplane.pb.gz") if out_dir else None
-  events, _ = trace_events(prepared, steps, keep)
+  """Traces `steps` train steps; emits summarise_profile's record."""
   _emit(out_dir, {"bench": "kernel_profile", "model": name,
-                  **summarise_profile(events, steps)})
-
-
-def train_step_bench(name: str, model_config, batch: int, peaks: dict,
-                     out_dir: str | None):
-  """Emits the train_step record; returns (compiled step, state, batch) for a profile."""
-  tx = train.make_optimizer(_train_config())
-  init = functools.partial(train.init_state, model_config=model_config, tx=tx)
-  state = jax.jit(init)(jax.random.key(0))
-  step = _train_step(model_config, tx)
-  data = {"image": jnp.zeros((batch, *_shape(model_config)), jnp.float32),
-          "label": jnp.zeros((batch,), jnp.int32)}
-  start = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - start
-  # Model FLOPs are counted on the einsum form whatever runs: a fused attention kernel is
-  # a custom call that cost analysis does not see.
-  if model_config.attention_impl != "einsum":
-    step = _train_step(_with(model_config, attention_impl="einsum"), tx)
-  flops, flops_source = _flops(step, state, data)
-  state, _ = compiled(state, data)
-  jax.block_until_ready(state)
-  iters = 10
-  start = time.perf_counter()
-  for _ in range(iters):
-    state, metrics = compiled(state, data)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / iters
-  stats = jax.devices()[0].memory_stats() or {}
-  record = {"bench": "train_step", "model": name,
-            "dtype": model_config.dtype, "batch": batch, "remat": model_config.remat,
-            "attention_impl": model_config.attention_impl,
-            "compile_s": round(compile_s, 1), "step_s": seconds,
-            "images_per_s": batch / seconds, "flops_per_step": flops,
-            "tflops_per_s": flops / seconds / 1e12, "flops_counted": flops_source,
-            "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
-  for peak_name, peak in peaks.items():
-    if peak:
-      record[f"mfu_vs_{peak_name}"] = flops / seconds / peak
-  _emit(out_dir, record)
-  return compiled, state, data
-
-
-def _train_config():
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      learning_rate=3e-4, warmup_steps=1000, optimizer="adam", b1=0.9, b2=0.999,
-      weight_decay=0.0, grad_clip_norm=1.0))
-
-
-def sampling_bench(name: str, model_config, n: int, num_steps: int, out_dir: str | None):
-  """Guided ancestral sampling, T steps, one 2N-batch network call per step."""
-  graphdef = train.model_graphdef(model_config)
-  params = _init_params(model_config)
-  eps_fn = jax.tree_util.Partial(train.make_eps_fn(graphdef, "eps"), params)
-  labels = np.arange(n, dtype=np.int32) % model_config.num_classes
-  run = lambda seed: sampling.sample(eps_fn, jax.random.key(seed), labels,
-                                     shape=_shape(model_config), guidance_weight=1.0,
-                                     null_label=model_config.num_classes,
-                                     num_steps=num_steps, v=0.3)
-  start = time.perf_counter()
-  jax.block_until_ready(run(0))
-  first_s = time.perf_counter() - start
-  start = time.perf_counter()
-  jax.block_until_ready(run(1))
-  seconds = time.perf_counter() - start
-  _emit(out_dir, {"bench": "guided_sampling", "model": name,
-                  "dtype": model_config.dtype,
-                  "attention_impl": model_config.attention_impl,
-                  "n": n, "num_steps": num_steps,
-                  "compile_and_first_s": round(first_s, 1), "seconds": seconds,
-                  "images_per_s": n / seconds,
-                  "network_images_per_s": 2 * n * num_steps / seconds})
+                  **summarise_profile(trace_events(*prepared, steps), steps)})
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="imagenet64",
-                      help="A configs/adm.py preset (cpu_unet for a quick CPU check).")
+                      help="A cfg_guidance.models.presets function (digits or cpu_unet "
+                      "for a quick CPU check).")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--remat", action="store_true")
@@ -371,9 +334,9 @@ def main():
                    "matmul_bf16_tflops": measured / 1e12,
                    "spec_bf16_tflops": (_spec_peak(device) or 0) / 1e12})
   peaks = {"spec": _spec_peak(device), "matmul": measured}
-  model_config = getattr(adm, args.model)()
-  model_config.dtype, model_config.remat = args.dtype, args.remat
-  model_config.attention_impl = args.attention_impl
+  model_config = getattr(presets, args.model)()
+  model_config.update(dtype=args.dtype, remat=args.remat,
+                      attention_impl=args.attention_impl)
 
   errors = []
 

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cfg_guidance import input_pipeline
+from cfg_guidance.data import pipeline
 from cfg_guidance.data import preprocess
 from cfg_guidance.data import sources
 
@@ -57,11 +57,11 @@ def _rate(batches, batch_size: int, num_batches: int) -> dict:
 
 def grain_rate(folder: str, *, num_threads: int, num_workers: int, batch_size: int,
                num_batches: int) -> dict:
-  """Images/s of input_pipeline.create_dataset on an image folder."""
+  """Images/s of pipeline.create_dataset on an image folder."""
   config = ml_collections.ConfigDict(dict(
       name="image_folder", folder=folder, image_size=64, random_flip=True,
       num_threads=num_threads, num_workers=num_workers))
-  it = input_pipeline.create_dataset(config, global_batch_size=batch_size, seed=0,
+  it = pipeline.create_dataset(config, global_batch_size=batch_size, seed=0,
                                      process_index=0, process_count=1)
   try:
     rates = _rate(it, batch_size, num_batches)

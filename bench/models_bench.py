@@ -3,30 +3,30 @@
   python -m bench.models_bench [--quick] [--preset=cpu_unet] [--batch_size=32]
       [--dtype=float32] [--remat]
 
-The model is configs/adm.py's cpu_unet (32x32x3, C = 64) at batch 32; the train step is
-the gradient of the ε-MSE with dropout on (no optimizer update). --quick shrinks the
-model and batch so a test can run it; --preset=imagenet64 --dtype=bfloat16 times the
-paper's model on an accelerator. Wall-clock rates on a shared machine are noisy: report
-them with the core count and the per-CPU-second rate beside them.
+The model is `cfg_guidance.models.presets.cpu_unet` (32x32x3, C = 64) at batch 32; the
+train step is the gradient of the ε-MSE with dropout on (no optimizer update). --quick
+shrinks the model and batch so a test can run it; --preset=imagenet64 --dtype=bfloat16
+times the paper's model on an accelerator. Wall-clock rates on a shared machine are
+noisy: report them with the core count and the per-CPU-second rate beside them.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import time
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import cpu_runtime, models, xla_options
-from configs import adm
+from cfg_guidance.models import eps, presets
+from cfg_guidance.runtime import backend
 
 
 def _config(quick: bool, preset: str, dtype: str, remat: bool):
-  config = getattr(adm, preset)()
+  config = getattr(presets, preset)()
   config.update(dtype=dtype, remat=remat)
   if quick:
     # One level (no resampling), attention only in the middle: compiles in seconds.
@@ -63,25 +63,25 @@ def run(quick: bool = False, preset: str = "cpu_unet", batch_size: int = 32,
   """
   config = _config(quick, preset, dtype, remat)
   batch, iters = (4, 2) if quick else (batch_size, iters)
-  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(0)), nnx.Param)
+  graphdef = eps.graphdef(config)
+  params = jax.jit(functools.partial(eps.init_params, config))(jax.random.key(0))
   rng = np.random.default_rng(0)
   shape = (batch, config.image_size, config.image_size, config.channels)
   z = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  eps = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   logsnr = jnp.asarray(rng.uniform(-20, 20, batch), jnp.float32)
   labels = jnp.asarray(rng.integers(0, config.num_classes + 1, batch), jnp.int32)
   key = jax.random.key(1)
 
-  @xla_options.jit
+  @backend.jit
   def forward(params, z, logsnr, labels):
-    return nnx.merge(graphdef, params)(z, logsnr, labels)
+    return eps.apply(graphdef, params, z, logsnr, labels)
 
-  @xla_options.jit
-  def train_step(params, z, eps, logsnr, labels, key):
+  @backend.jit
+  def train_step(params, z, noise, logsnr, labels, key):
     def loss(params):
-      model = nnx.merge(graphdef, params)
-      out = model(z, logsnr, labels, train=True, rngs=nnx.Rngs(dropout=key))
-      return jnp.mean(jnp.square(out - eps))
+      out = eps.apply(graphdef, params, z, logsnr, labels, train=True, dropout_rng=key)
+      return jnp.mean(jnp.square(out - noise))
     return jax.value_and_grad(loss)(params)
 
   device = jax.devices()[0]
@@ -93,7 +93,7 @@ def run(quick: bool = False, preset: str = "cpu_unet", batch_size: int = 32,
   }
   for name, fn, args in [("forward", forward, (params, z, logsnr, labels)),
                          ("train_step", train_step,
-                          (params, z, eps, logsnr, labels, key))]:
+                          (params, z, noise, logsnr, labels, key))]:
     timing = _time(fn, args, iters)
     flops = timing.pop("flops")
     results[name] = {
@@ -111,11 +111,12 @@ def run(quick: bool = False, preset: str = "cpu_unet", batch_size: int = 32,
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="A tiny model, as a smoke test.")
-  parser.add_argument("--preset", default="cpu_unet", help="A configs/adm.py function.")
+  parser.add_argument("--preset", default="cpu_unet",
+                      help="A cfg_guidance.models.presets function.")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--iters", type=int, default=5)
   args = parser.parse_args()
-  cpu_runtime.configure()
+  backend.configure_cpu()
   print(json.dumps(run(**vars(args)), indent=2))

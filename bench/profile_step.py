@@ -11,39 +11,39 @@ trace's per-thunk times then add up to the step.
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
 import re
 import tempfile
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import cpu_runtime, models, xla_options
-from configs import adm
+from cfg_guidance.models import eps, presets
+from cfg_guidance.runtime import backend
 
 _KINDS = (("convolution", "conv"), ("dot", "dot"), ("reduce", "reduce"),
           ("transpose", "transpose"), ("concatenate", "concatenate"), ("copy", "copy"))
 
 
 def _train_step(preset, batch):
-  config = adm.__dict__[preset]()
-  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(0)), nnx.Param)
+  config = getattr(presets, preset)()
+  graphdef = eps.graphdef(config)
+  params = jax.jit(functools.partial(eps.init_params, config))(jax.random.key(0))
   rng = np.random.default_rng(0)
   shape = (batch, config.image_size, config.image_size, config.channels)
-  z, eps = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+  z, noise = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
   logsnr = jnp.asarray(rng.uniform(-20, 20, batch), jnp.float32)
   labels = jnp.asarray(rng.integers(0, config.num_classes + 1, batch), jnp.int32)
 
-  @xla_options.jit
+  @backend.jit
   def step(params, key):
     def loss(params):
-      model = nnx.merge(graphdef, params)
-      out = model(z, logsnr, labels, train=True, rngs=nnx.Rngs(dropout=key))
-      return jnp.mean(jnp.square(out - eps))
+      out = eps.apply(graphdef, params, z, logsnr, labels, train=True, dropout_rng=key)
+      return jnp.mean(jnp.square(out - noise))
     return jax.value_and_grad(loss)(params)
 
   return step, (params, jax.random.key(1))
@@ -96,11 +96,12 @@ def run(preset="cpu_unet", batch=32, steps=3, top=15):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="cpu_unet", help="A configs/adm.py function.")
+  parser.add_argument("--preset", default="cpu_unet",
+                      help="A cfg_guidance.models.presets function.")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args()
-  cpu_runtime.configure()
+  backend.configure_cpu()
   result = run(args.preset, args.batch, top=args.top)
   total = result["ms_per_step"]
   print(f"{result['preset']}, batch {result['batch']}: {total:.0f} ms per step in thunks")

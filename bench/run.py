@@ -17,7 +17,7 @@ import platform
 import jax
 
 from bench import sampler_overhead, train_bench
-from cfg_guidance import cpu_runtime
+from cfg_guidance.runtime import backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- bench.run: generated -->", "<!-- bench.run: end -->"
@@ -38,17 +38,18 @@ def ours_guided_step(quick: bool = False, guidance_weight: float = 3.0) -> dict:
   """
   import statistics  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bench import torch_peer  # pylint: disable=g-import-not-at-top
-  from cfg_guidance import models, xla_options  # pylint: disable=g-import-not-at-top
+  from cfg_guidance.models import eps  # pylint: disable=g-import-not-at-top
   config = dict(torch_peer.OURS)
   n = 2 if quick else torch_peer.BATCH
   if quick:
     config.update(image_size=8, channel_mult=(1,), num_res_blocks=1,
                   attention_resolutions=())
-  graphdef, params = nnx.split(models.create(config, rngs=nnx.Rngs(0)), nnx.Param)
+  graphdef = eps.graphdef(config)
+  params = jax.jit(functools.partial(eps.init_params, config))(jax.random.key(0))
   rng = np.random.default_rng(0)
   size = config["image_size"]
   z = jnp.asarray(rng.standard_normal((n, size, size, 3)), jnp.float32)
@@ -56,12 +57,11 @@ def ours_guided_step(quick: bool = False, guidance_weight: float = 3.0) -> dict:
   labels = jnp.asarray(rng.integers(0, torch_peer.NUM_CLASSES, n), jnp.int32)
   null = jnp.full_like(labels, torch_peer.NUM_CLASSES)
 
-  @xla_options.jit
+  @backend.jit
   def guided(params, z, logsnr, labels):
-    eps = nnx.merge(graphdef, params)(jnp.concatenate([z, z]),
-                                      jnp.concatenate([logsnr, logsnr]),
-                                      jnp.concatenate([labels, null]))
-    eps_c, eps_u = jnp.split(eps, 2)
+    both = eps.apply(graphdef, params, jnp.concatenate([z, z]),
+                     jnp.concatenate([logsnr, logsnr]), jnp.concatenate([labels, null]))
+    eps_c, eps_u = jnp.split(both, 2)
     return (1 + guidance_weight) * eps_c - guidance_weight * eps_u
 
   jax.block_until_ready(guided(params, z, logsnr, labels))
@@ -171,8 +171,9 @@ def render(results: dict) -> str:
                  f"{r.get('memory_mib', float('nan')):.0f} |")
   s = results["sampler"]
   lines += ["", "## Guided sampler overhead (CPU)", "",
-            f"Wall time of `sample` / (T × one `eps_fn` call), N = {s['n']}, "
-            f"T = {s['num_steps']}, {'×'.join(map(str, s['shape']))}; goal ≤ 1.05.", "",
+            "Wall time of guided sampling (`generate.draw`) / (T × one `eps_fn` call), "
+            f"N = {s['n']}, T = {s['num_steps']}, {'×'.join(map(str, s['shape']))}; "
+            "goal ≤ 1.05.", "",
             "| form | wall-time ratio | CPU-time ratio |", "|---|---|---|",
             f"| one call on 2N | {s['overhead_batched_2n']:.3f} | "
             f"{s['overhead_batched_2n_cpu_time']:.3f} |",
@@ -214,7 +215,7 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", default=os.path.join(HERE, "BENCHMARKS.md"))
   args = parser.parse_args()
-  cpu_runtime.configure()  # As the CLI does; the peer, in this process, gets it too.
+  backend.configure_cpu()  # As the CLI does; the peer, in this process, gets it too.
   text = render(measure(args.quick))
   print(text)
   if args.out:

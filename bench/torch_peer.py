@@ -21,7 +21,7 @@ SPEC = dict(
     block_out_channels=(64, 128, 128), layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32, norm_num_groups=32, dropout=0.1,  # as configs/adm.py
+    attention_head_dim=32, norm_num_groups=32, dropout=0.1,  # as presets.cpu_unet
     class_embed_type=None, num_class_embeds=NUM_CLASSES + 1)
 
 # Closer to our ADM U-Net: scale-shift conditioning and residual (BigGAN) up/down-sampling

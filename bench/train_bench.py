@@ -6,14 +6,21 @@ FLOP/s as a fraction of this machine's measured matmul peak, compile time, memor
 
 import argparse
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import cpu_runtime, sharding, train
-from configs import adm, digits
+from cfg_guidance import config as config_lib
+from cfg_guidance import state as state_lib
+from cfg_guidance import train
+from cfg_guidance.models import eps, presets
+from cfg_guidance.runtime import backend, sharding
+
+DIGITS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "configs", "digits.py")
 
 
 def matmul_peak(dtype=jnp.float32, n: int = 2048, iters: int = 10) -> float:
@@ -29,11 +36,10 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, iters: int = 10) -> float:
 
 
 def preset_config(preset: str, batch: int):
-  """The digits training config, or it with a configs/adm.py model in place."""
-  config = digits.get_config()
+  """configs/digits.py's training config, with a `cfg_guidance.models.presets` model."""
+  config = config_lib.load_file(DIGITS_CONFIG)
   if preset != "digits":
-    config.model = getattr(adm, preset)()
-    config.data.image_size = config.model.image_size
+    config_lib.use_model(config, getattr(presets, preset)())
   config.train.batch_size = batch
   return config
 
@@ -47,8 +53,9 @@ def run(quick: bool = False, preset: str = "digits", batch: int | None = None,
   config = preset_config(preset, batch)
   mesh = sharding.create_mesh(jax.devices()[:1])
   tx = train.make_optimizer(config.train)
-  graphdef, state, shardings = train.create_train_state(config, mesh, tx)
-  step = train.make_train_fn(config, graphdef, tx, shardings, mesh)
+  state, shardings = state_lib.create(config.model, config.sharding, seed=config.seed,
+                                      mesh=mesh, tx=tx)
+  step = train.make_train_fn(config, eps.graphdef(config.model), tx, shardings, mesh)
   m = config.model
   rng = np.random.default_rng(0)
   data = {"image": rng.uniform(-1, 1, (1, batch, m.image_size, m.image_size, m.channels)
@@ -93,7 +100,7 @@ def main():
                       help="Leave JAX's dispatch and glibc's malloc at their defaults.")
   args = parser.parse_args()
   if not args.no_cpu_runtime:
-    cpu_runtime.configure()
+    backend.configure_cpu()
   print(json.dumps(run(args.quick, args.preset, args.batch), indent=1))
 
 

@@ -23,18 +23,18 @@ import numpy as np
 
 from cfg_guidance.data import sources, stream, toy2d
 
+
 @dataclasses.dataclass(frozen=True)
 class _TfdsSpec:
   tfds_name: str
   num_classes: int
-  num_train_examples: int
   default_size: int | None  # Stored side length; None where stored sizes vary.
 
 
 _TFDS = {
-    "cifar10": _TfdsSpec("cifar10", 10, 50_000, 32),
-    "imagenet2012": _TfdsSpec("imagenet2012", 1000, 1_281_167, None),
-    "imagenet_resized": _TfdsSpec("imagenet_resized/64x64", 1000, 1_281_167, 64),
+    "cifar10": _TfdsSpec("cifar10", 10, 32),
+    "imagenet2012": _TfdsSpec("imagenet2012", 1000, None),
+    "imagenet_resized": _TfdsSpec("imagenet_resized/64x64", 1000, 64),
 }
 DATASETS = ("digits", "toy2d", *_TFDS, "image_folder")
 _DIGITS_SHAPE = (8, 8, 1)

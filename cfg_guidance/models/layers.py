@@ -39,9 +39,9 @@ def initialize(module, rngs):
   """Draws every declared parameter of `module` from one uniform and one normal draw.
 
   On CPU, XLA compiles each threefry call (and each fusion it is copied into)
-  separately, 0.3-1 s apiece on a 2-core machine; one draw per distribution, kept out
-  of the per-parameter slices by an optimisation barrier, keeps creating a model of
-  hundreds of tensors fast. Deterministic in `rngs`; parameters are visited in
+  separately, a large share of a small model's compile time; one draw per distribution,
+  kept out of the per-parameter slices by an optimisation barrier, keeps creating a
+  model of hundreds of tensors fast. Deterministic in `rngs`; parameters are visited in
   nnx.iter_graph order.
   """
   entries = {"uniform": [], "normal": []}
