@@ -68,7 +68,6 @@ class Model:
     Returns:
       uint8 [N, H, W, C] images; for a point model (the toy MLP), float32 [N, dim].
     """
-    labels = np.asarray(labels, np.int32)
     settings = self.settings(num_steps, **sampler_options)
     x = generate.draw(self.eps_fn, labels, guidance_weight, settings=settings, seed=seed,
                       negative_labels=negative_labels, mesh=self.mesh)

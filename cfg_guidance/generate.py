@@ -113,6 +113,13 @@ def _per_example(name: str, value, n: int, dtype) -> np.ndarray:
   return np.broadcast_to(value, (n,))
 
 
+def _check_range(name: str, labels: np.ndarray, null_label: int) -> None:
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < 0 or hi > null_label:
+    raise ValueError(f"{name} must lie in [0, {null_label}] ({null_label} is ∅, the "
+                     f"unconditional label); got values in [{lo}, {hi}].")
+
+
 def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
             settings: Settings, seed: int, indices: Sequence[int] | None = None,
             stream: int | None = None, negative_labels=None, mesh=None
@@ -143,6 +150,7 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
   n = len(labels)
   if n == 0:
     return
+  _check_range("labels", labels, settings.null_label)
   weights = _per_example("guidance_weight", guidance_weight, n, np.float32)
   if not np.isfinite(weights).all():
     raise ValueError(f"guidance_weight must be finite; got {np.unique(weights)}.")
@@ -150,6 +158,8 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
                                                               np.int64)
   negative = None if negative_labels is None else _per_example(
       "negative_labels", negative_labels, n, np.int32)
+  if negative is not None:
+    _check_range("negative_labels", negative, settings.null_label)
   if not isinstance(eps_fn, jax.tree_util.Partial):
     eps_fn = jax.tree_util.Partial(eps_fn)  # Keyed by identity: pass the same one.
   mesh = mesh or sharding.create_mesh()

@@ -182,6 +182,7 @@ def test_one_compilation_for_every_weight_label_and_seed():
     (dict(guidance_weight=float("inf")), "guidance_weight must be finite"),
     (dict(guidance_weight=[1.0, 2.0]), r"guidance_weight must be a scalar or have shape \[3\]"),
     (dict(labels=[0.5, 1.0, 2.0]), "labels must be ints"),
+    (dict(labels=[0, 4, 1]), r"labels must lie in \[0, 3\] \(3 is ∅"),
 ])
 def test_bad_driver_inputs_are_named(kwargs, match):
   args = dict(labels=[0, 1, 2], guidance_weight=1.0) | kwargs
