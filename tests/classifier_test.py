@@ -58,6 +58,32 @@ def test_uint8_input_matches_scaled_floats(trained):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _conv_same(x, kernel, bias):
+  """3×3 'SAME' convolution in float64: x [N, H, W, C], kernel [3, 3, C, O]."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  out = sum(np.einsum("nhwc,co->nhwo", padded[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+            for dy in range(3) for dx in range(3))
+  return out + bias
+
+
+def test_spatial_features_are_the_last_convolution(digits, trained):
+  images, _ = digits
+  _, extractor = trained
+  x = images[:6].astype(np.float64)
+  p = {name: {k: np.asarray(v[...], np.float64) for k, v in extractor.params[name].items()}
+       for name in ("conv1", "conv2")}
+  h = np.maximum(_conv_same(x, p["conv1"]["kernel"], p["conv1"]["bias"]), 0)
+  h = h.reshape(6, 4, 2, 4, 2, -1).mean(axis=(2, 4))  # 2×2 average pooling.
+  conv2 = _conv_same(h, p["conv2"]["kernel"], p["conv2"]["bias"])
+  expected = conv2[..., :classifier.SPATIAL_CHANNELS].reshape(6, -1)  # NHWC, as ADM.
+  features, logits, spatial = extractor(images[:6], spatial=True)
+  assert extractor.spatial_dim == spatial.shape[1] == 4 * 4 * 7
+  np.testing.assert_allclose(spatial, expected, rtol=1e-4, atol=1e-4)
+  for got, want in zip((features, logits), extractor(images[:6])):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_training_is_deterministic(digits, tmp_path):
   images, labels = digits
   runs = [classifier.train_classifier(images, labels, num_classes=10,

@@ -36,6 +36,17 @@ def _expected(images, proj, weights):
   return features, features @ weights
 
 
+def _expected_spatial(images):
+  """mixed_6/conv's first 7 channels, flattened NHWC as ADM's evaluator does: [N, 2023]."""
+  _, h, w, _ = images.shape
+  rows, cols = _bilinear_matrix(h), _bilinear_matrix(w)
+  x = (np.einsum("ah,nhwc,bw->nabc", rows, images.astype(np.float64), cols) - 128) / 128
+  small = _bilinear_matrix(299, fake_inception.SPATIAL_SIZE)
+  x = np.einsum("ah,nhwc,bw->nabc", small, x, small)
+  conv = x @ fake_inception.spatial_projection()  # [N, 17, 17, 8]
+  return conv[..., :7].reshape(len(images), 17 * 17 * 7)
+
+
 def test_features_and_logits_match_reference(fake_graph):
   path, proj, weights = fake_graph
   # 7 images of 5×9 in batches of 3: short last batch, non-square, upsampled 299².
@@ -47,6 +58,20 @@ def test_features_and_logits_match_reference(fake_graph):
   np.testing.assert_allclose(features, expected_features, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
   assert extractor.name == "inception-2015-12-05" and extractor.comparable
+
+
+def test_spatial_features_are_mixed_6_first_seven_channels(fake_graph):
+  path, proj, weights = fake_graph
+  images = np.random.default_rng(3).integers(0, 256, size=(5, 6, 7, 3), dtype=np.uint8)
+  extractor = inception.InceptionExtractor(path, batch_size=2)
+  features, logits, spatial = extractor(images, spatial=True)
+  assert spatial.shape == (5, inception.SPATIAL_DIM) == (5, 2023)
+  assert extractor.spatial_dim == 2023
+  np.testing.assert_allclose(spatial, _expected_spatial(images), rtol=1e-4, atol=1e-4)
+  for got, want in zip((features, logits), extractor(images)):  # Same two outputs.
+    np.testing.assert_array_equal(got, want)
+  empty = extractor(images[:0], spatial=True)
+  assert [a.shape for a in empty] == [(0, DIM), (0, CLASSES), (0, 2023)]
 
 
 def test_grayscale_is_repeated_to_rgb(fake_graph):

@@ -1,4 +1,4 @@
-"""Tests for cfg_guidance.metrics against closed forms and independent float64 references."""
+"""Tests for evaluation.metrics and .manifold against closed forms and float64 references."""
 
 import os
 import types
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from cfg_guidance.evaluation import metrics
+from cfg_guidance.evaluation import manifold, metrics
 
 
 def _random_cov(rng, dim, scale=1.0):
@@ -131,15 +131,17 @@ class TestInceptionScore:
 
 
 class TestPrecisionRecall:
+  """manifold.py's k-NN precision/recall; tests/adm_protocol_test.py checks it against
+  ADM's evaluator."""
 
   def test_identical_sets(self):
     x = np.random.default_rng(6).normal(size=(200, 5))
-    assert metrics.precision_recall(x, x, chunk_size=64) == (1.0, 1.0)
+    assert manifold.precision_recall(x, x, block_size=64) == (1.0, 1.0)
 
   def test_disjoint_far_apart_sets(self):
     rng = np.random.default_rng(7)
     real, fake = rng.normal(size=(100, 5)), rng.normal(size=(80, 5)) + 100.0
-    assert metrics.precision_recall(real, fake) == (0.0, 0.0)
+    assert manifold.precision_recall(real, fake) == (0.0, 0.0)
 
   def test_half_the_fakes_off_manifold(self):
     # Real: the integers 0..99 (3rd-neighbour radius 2). Fake: 50 points at 0.5, 2.5, …
@@ -147,8 +149,22 @@ class TestPrecisionRecall:
     # (precision ½); every real point is 0.5 from a fake with radius ≥ 2 (recall 1).
     real = np.arange(100.0)[:, None]
     fake = np.concatenate([np.arange(0.5, 100, 2.0), 1000.0 + 10 * np.arange(50)])
-    precision, recall = metrics.precision_recall(real, fake[:, None], chunk_size=33)
+    precision, recall = manifold.precision_recall(real, fake[:, None], block_size=33)
     assert (precision, recall) == (0.5, 1.0)
+
+  def test_blocks_do_not_change_radii(self):
+    # Duplicated rows make exact ties (radius 0 for k below the multiplicity).
+    x = np.random.default_rng(8).normal(size=(90, 4)).astype(np.float32)
+    x = np.concatenate([x, x[:10]])
+    d = np.sum((x[:, None].astype(np.float64) - x[None]) ** 2, axis=-1)
+    expected = np.sort(d, axis=1)[:, 3]
+    for block in (1, 7, 100, 4096):
+      np.testing.assert_allclose(manifold.manifold_radii(x, block_size=block), expected,
+                                 rtol=1e-12, atol=1e-12)
+
+  def test_too_few_points_raise(self):
+    with pytest.raises(ValueError, match="k=3"):
+      manifold.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
 class TestFeatureStats:
@@ -253,6 +269,23 @@ class TestFeatureStats:
     with pytest.raises(ValueError, match="cannot be updated"):
       reference.update(features, logits)
 
+  def test_suffixed_arrays_round_trip_beside_others(self):
+    # sFID's statistics sit beside FID's in one file, under ADM's "_s" names.
+    features, logits = self._data()
+    spatial = self._data(dim=4, seed=11)[0]
+    stats = self._stream(features, logits, [50, 53], num_samples=103)
+    arrays = {**stats.to_arrays(), **metrics.FeatureStats().update(spatial).to_arrays("_s")}
+    assert {"mu", "sigma", "mu_s", "sigma_s", "count_s"} <= set(arrays)
+    back = metrics.FeatureStats.from_arrays(arrays, "_s")
+    np.testing.assert_allclose(back.cov, np.cov(spatial, rowvar=False), rtol=1e-9)
+    np.testing.assert_allclose(metrics.FeatureStats.from_arrays(arrays).inception_score(),
+                               metrics.inception_score(logits), rtol=1e-10)
+    frozen = metrics.FeatureStats.from_arrays({"mu_s": arrays["mu_s"],
+                                               "sigma_s": arrays["sigma_s"]}, "_s")
+    np.testing.assert_array_equal(frozen.cov, arrays["sigma_s"])
+    with pytest.raises(ValueError, match="sigma_s"):
+      metrics.FeatureStats.from_arrays({"mu": arrays["mu"], "sigma": arrays["sigma"]}, "_s")
+
   def test_load_refuses_pickles_and_names_missing_keys(self, tmp_path):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, mu=np.zeros(2), sigma=np.array([{"a": 1}], dtype=object))
@@ -271,5 +304,5 @@ def test_metric_names_label_stand_in_extractors():
   stand_in = types.SimpleNamespace(name="digits-cnn", comparable=False)
   assert metrics.metric_names(inception)["fid"] == "FID"
   assert metrics.metric_names(stand_in) == {
-      "fid": "FID (digits-cnn)", "is": "IS (digits-cnn)",
+      "fid": "FID (digits-cnn)", "sfid": "sFID (digits-cnn)", "is": "IS (digits-cnn)",
       "precision": "Precision (digits-cnn)", "recall": "Recall (digits-cnn)"}

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from cfg_guidance import api, generate, images, sampling, train
 from cfg_guidance.data import sources
-from cfg_guidance.evaluation import classifier, metrics, reference, report, sweep
+from cfg_guidance.evaluation import classifier, manifold, metrics, reference, report, sweep
 from cfg_guidance.runtime import sharding
 import train_test
 
@@ -90,35 +90,43 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
 
 def test_streamed_statistics_equal_one_shot():
   rng = np.random.default_rng(0)
-  n, k, d, c, keep = 47, 5, 6, 5, 20
-  features = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d)
+  n, k, d, c, s = 47, 5, 6, 5, 4
+  features = (rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d)).astype(np.float32)
   logits = rng.normal(size=(n, c)) * 3.0
+  spatial = rng.normal(size=(n, s)) + 1.0
   labels = np.arange(n) % k
-  stats = report.SweepStats(num_samples=n, num_classes=k, keep=keep,
-                                 with_accuracy=True)
+  stats = report.SweepStats(num_samples=n, num_classes=k, precision_recall=True,
+                            with_accuracy=True, with_spatial=True)
   batch = 8
   for start in range(0, n, batch):  # The last batch has 7 real rows and 1 padding row.
     idx = np.arange(start, start + batch)
-    f = np.full((batch, d), np.nan)  # Padding rows hold garbage that must be dropped.
-    lg = np.full((batch, c), np.nan)
+    f = np.full((batch, d), np.nan, np.float32)  # Padding rows hold garbage to drop.
+    lg, sp = np.full((batch, c), np.nan), np.full((batch, s), np.nan)
     real = idx < n
-    f[real], lg[real] = features[idx[real]], logits[idx[real]]
-    stats.add(idx, f, lg, idx % k)
+    f[real], lg[real], sp[real] = features[idx[real]], logits[idx[real]], spatial[idx[real]]
+    stats.add(idx, f, lg, idx % k, sp)
   real_features = rng.normal(size=(30, d))
   reference_features = rng.normal(size=(60, d))
+  reference_spatial = rng.normal(size=(60, s))
   reference = metrics.FeatureStats().update(reference_features)
-  got = stats.results(reference, real_features)
+  got = stats.results(reference, real_features,
+                      metrics.FeatureStats().update(reference_spatial))
+  features = features.astype(np.float64)
   expected_fid = metrics.frechet_distance(features.mean(0), np.cov(features, rowvar=False),
                                           reference_features.mean(0),
                                           np.cov(reference_features, rowvar=False))
   np.testing.assert_allclose(got["fid"], expected_fid, rtol=1e-10)
+  expected_sfid = metrics.frechet_distance(
+      spatial.mean(0), np.cov(spatial, rowvar=False), reference_spatial.mean(0),
+      np.cov(reference_spatial, rowvar=False))
+  np.testing.assert_allclose(got["sfid"], expected_sfid, rtol=1e-10)
   np.testing.assert_allclose((got["is"], got["is_std"]), metrics.inception_score(logits),
                              rtol=1e-10)
   np.testing.assert_allclose(got["accuracy"], np.mean(logits.argmax(-1) == labels))
   diversity = np.mean([features[labels == j].std(axis=0, ddof=1).mean() for j in range(k)])
   np.testing.assert_allclose(got["diversity"], diversity, rtol=1e-10)
-  np.testing.assert_allclose((got["precision"], got["recall"]),
-                             metrics.precision_recall(real_features, features[:keep], k=3))
+  np.testing.assert_allclose((got["precision"], got["recall"]),  # Every sample.
+                             manifold.precision_recall(real_features, features, k=3))
 
 
 def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
@@ -127,15 +135,18 @@ def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
   for name in ("results.json", "results.csv", "results.md", "fid_vs_is.png",
                "metrics_vs_w.png", "samples_w0.png", "samples_w3.png"):
     assert (out / name).stat().st_size > 0, name
-  assert (workdir / "eval" / "reference_digits_digits-cnn.npz").exists()
-  assert (workdir / "eval" / "reference_digits_digits-cnn_pr20.npz").exists()
+  with np.load(workdir / "eval" / "reference_digits_digits-cnn.npz") as saved:
+    real_indices = saved["pr_indices"]
+  np.testing.assert_array_equal(real_indices, reference.draw_subset(1797, 20, 0))
 
   saved = json.loads((out / "results.json").read_text())
   assert saved["step"] == 20 and saved["extractor"] == "digits-cnn"
   assert saved["num_samples"] == 40 and saved["num_steps"] == 8
   assert saved["metric_labels"]["fid"] == "FID (digits-cnn)"
+  assert saved["metric_labels"]["sfid"] == "sFID (digits-cnn)"
+  assert (saved["pr_num_real"], saved["pr_num_fake"], saved["pr_seed"]) == (20, 40, 0)
   assert [r["w"] for r in saved["records"]] == [0.0, 3.0]
-  keys = ("fid", "is", "is_std", "precision", "recall", "accuracy", "diversity")
+  keys = ("fid", "sfid", "is", "is_std", "precision", "recall", "accuracy", "diversity")
   for record, written in zip(records, saved["records"], strict=True):
     for key in keys:
       assert np.isfinite(record[key]) and record[key] == written[key], key
@@ -146,6 +157,7 @@ def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
       assert float(row[key]) == written[key], key
   table = (out / "results.md").read_text()
   assert "| w = 3 |" in table and "FID (digits-cnn) ↓" in table
+  assert "sFID (digits-cnn) ↓" in table and "sFID from its last convolution" in table
   assert "| FID ↓" not in table  # A stand-in's figures never pass as FID.
 
   # TensorBoard holds the same numbers.
@@ -161,19 +173,23 @@ def test_run_writes_every_output_and_the_numbers_recompute(evaluated):
   # Recomputed in one shot: all samples at once, the reference from sklearn's digits.
   mesh = sharding.create_mesh(jax.devices()[:8])
   extractor = classifier.restore_classifier(workdir / "classifier")
-  real, _ = extractor(images.to_uint8(sources.load_digits_arrays()[0]))
+  real, _, real_spatial = extractor(images.to_uint8(sources.load_digits_arrays()[0]),
+                                    spatial=True)
   labels = np.arange(40) % 10
   for record in records:
     x = _draw(config, workdir, mesh, np.arange(40), record["w"])
-    features, logits = extractor(images.to_uint8(x))
+    features, logits, spatial = extractor(images.to_uint8(x), spatial=True)
     fid = metrics.frechet_distance(features.mean(0), np.cov(features, rowvar=False),
                                    real.mean(0), np.cov(real, rowvar=False))
     np.testing.assert_allclose(record["fid"], fid, rtol=1e-6)
+    sfid = metrics.frechet_distance(spatial.mean(0), np.cov(spatial, rowvar=False),
+                                    real_spatial.mean(0), np.cov(real_spatial, rowvar=False))
+    np.testing.assert_allclose(record["sfid"], sfid, rtol=1e-6)
     np.testing.assert_allclose((record["is"], record["is_std"]),
                                metrics.inception_score(logits), rtol=1e-6)
     assert record["accuracy"] == np.mean(logits.argmax(-1) == labels)
     np.testing.assert_allclose((record["precision"], record["recall"]),
-                               metrics.precision_recall(real[:20], features[:20]))
+                               manifold.precision_recall(real[real_indices], features))
 
 
 def test_evaluating_again_overwrites_with_the_same_numbers(evaluated):
@@ -220,7 +236,7 @@ def test_watch_evaluates_a_checkpoint_that_appears_later(evaluated, tmp_path):
   assert (workdir / "eval" / "10" / "results.json").read_text() == "{}"
   saved = json.loads((workdir / "eval" / "20" / "results.json").read_text())["records"]
   for got, want in zip(saved, records, strict=True):  # Same checkpoint, same seed.
-    for key in ("fid", "is", "precision", "recall", "accuracy", "diversity"):
+    for key in ("fid", "sfid", "is", "precision", "recall", "accuracy", "diversity"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
 
 
@@ -237,7 +253,7 @@ def test_missing_inception_file_names_the_field(tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("batch_size", 0), ("num_samples", 5), ("extractor", "vgg"), ("grid_class", 10),
-    ("guidance_weights", ()),
+    ("guidance_weights", ()), ("pr_seed", -1),
 ])
 def test_bad_eval_fields_are_named(tmp_path, field, value):
   config = eval_config(**{field: value})

@@ -1,7 +1,8 @@
 """A small CNN classifier that stands in for Inception-v3 where its graph file is absent.
 
 Trained on the data set's own training split; its penultimate features and logits
-feed the same FID/IS code, and every figure it yields is labelled with its name
+feed the same FID/IS code, the first channels of its last convolution the sFID code (as
+Inception's mixed_6/conv does), and every figure it yields is labelled with its name
 (see `metrics.metric_names`).
 """
 
@@ -21,6 +22,7 @@ from cfg_guidance.runtime import backend
 
 CHECKPOINT_SUBDIR = "classifier"
 _METADATA_FILE = "classifier.json"
+SPATIAL_CHANNELS = 7  # As many as sFID takes of Inception's mixed_6/conv.
 
 
 class SmallCNN(nnx.Module):
@@ -40,10 +42,17 @@ class SmallCNN(nnx.Module):
 
   def __call__(self, x):
     """x: [N, H, W, C] in [-1, 1] -> (features [N, F], logits [N, num_classes])."""
+    return self.activations(x)[:2]
+
+  def activations(self, x):
+    """(features, logits, spatial [N, H/2 · W/2 · 7]): the last convolution's first
+    channels before its ReLU, flattened NHWC, as sFID takes Inception's mixed_6/conv."""
     x = nnx.avg_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-    x = nnx.avg_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+    conv = self.conv2(x)
+    spatial = conv[..., :SPATIAL_CHANNELS].reshape(conv.shape[0], -1)
+    x = nnx.avg_pool(nnx.relu(conv), (2, 2), strides=(2, 2))
     features = nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))
-    return features, self.head(features)
+    return features, self.head(features), spatial
 
 
 def _architecture(meta):
@@ -78,7 +87,7 @@ def _init_fn(architecture):
 
 @functools.lru_cache(maxsize=16)
 def _apply_fn(graphdef):
-  return jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+  return jax.jit(lambda params, x: nnx.merge(graphdef, params).activations(x))
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,6 +110,8 @@ def _train_fns(graphdef, learning_rate):
 class ClassifierExtractor:
   """`extractor(images) -> (features [N, F], logits [N, num_classes])`, float32 numpy.
 
+  With `spatial=True`, also the last convolution's spatial features [N, spatial_dim]
+  (a third output), the stand-in's counterpart of sFID's mixed_6/conv channels.
   images: uint8 [N, H, W, C] in [0, 255], or floating point in [-1, 1], with the
   shape the classifier was trained on.
   """
@@ -111,13 +122,15 @@ class ClassifierExtractor:
     self.meta = dict(meta)
     self.name = meta["name"]
     self.image_shape = tuple(meta["image_shape"])
+    height, width, _ = self.image_shape
+    self.spatial_dim = (height // 2) * (width // 2) * SPATIAL_CHANNELS
     self.heldout_accuracy = meta.get("heldout_accuracy")
     self.checkpoint_dir = checkpoint_dir
     self.batch_size = batch_size
     self.params = params
     self._apply = _apply_fn(graphdef)
 
-  def __call__(self, images):
+  def __call__(self, images, *, spatial=False):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != self.image_shape:
       raise ValueError(f"images must be [N, {', '.join(map(str, self.image_shape))}] for "
@@ -129,19 +142,18 @@ class ClassifierExtractor:
     elif images.size and (images.min() < -1.001 or images.max() > 1.001):
       raise ValueError("floating-point images must lie in [-1, 1]; got "
                        f"[{images.min():.3g}, {images.max():.3g}].")
-    features, logits = [], []
+    outputs = [[] for _ in range(3)]
     for start in range(0, images.shape[0], self.batch_size):
       batch = images[start:start + self.batch_size].astype(np.float32)
       # Pad the last batch so a single program serves every call.
       padded = np.zeros((self.batch_size, *self.image_shape), np.float32)
       padded[:batch.shape[0]] = batch
-      batch_features, batch_logits = self._apply(self.params, padded)
-      features.append(np.asarray(batch_features)[:batch.shape[0]])
-      logits.append(np.asarray(batch_logits)[:batch.shape[0]])
-    if not features:
-      return (np.zeros((0, self.meta["features"]), np.float32),
-              np.zeros((0, self.meta["num_classes"]), np.float32))
-    return np.concatenate(features), np.concatenate(logits)
+      for kept, value in zip(outputs, self._apply(self.params, padded)):
+        kept.append(np.asarray(value)[:batch.shape[0]])
+    dims = (self.meta["features"], self.meta["num_classes"], self.spatial_dim)
+    outputs = tuple(np.concatenate(kept) if kept else np.zeros((0, dim), np.float32)
+                    for kept, dim in zip(outputs, dims))
+    return outputs if spatial else outputs[:2]
 
 
 def resolve_checkpoint_dir(workdir_or_path):

@@ -1,7 +1,8 @@
-"""FID, Inception Score and k-NN precision/recall in float64 numpy, plus streaming statistics.
+"""FID, sFID and Inception Score in float64 numpy, plus streaming statistics.
 
 The extractors that produce the features and logits live in `inception.py` (the
-literature's Inception-v3) and `classifier.py` (a small stand-in CNN).
+literature's Inception-v3) and `classifier.py` (a small stand-in CNN); precision and
+recall in `manifold.py`.
 """
 
 import os
@@ -13,7 +14,8 @@ import scipy.special
 
 from cfg_guidance import files
 
-# improved-gan's inception_score.py and every paper since report IS over 10 splits.
+# improved-gan's inception_score.py and every paper since report IS over 10 splits;
+# ADM's evaluator takes splits of 5,000, the same blocks for its 50,000 samples.
 DEFAULT_SPLITS = 10
 
 
@@ -113,63 +115,6 @@ def inception_score(logits, *, num_splits=DEFAULT_SPLITS):
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def _kth_neighbour_radii(features, k, chunk_size):
-  """[N] distance from each row to its k-th nearest other row."""
-  radii = np.empty(features.shape[0])
-  for start in range(0, features.shape[0], chunk_size):
-    d = _pairwise_distances(features[start:start + chunk_size], features)
-    # Column 0 of the sorted row is the point itself (distance 0).
-    radii[start:start + chunk_size] = np.partition(d, k, axis=1)[:, k]
-  return radii
-
-
-def _pairwise_distances(a, b):
-  sq = (np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :]
-        - 2.0 * a @ b.T)
-  return np.sqrt(np.maximum(sq, 0.0))
-
-
-def _coverage(manifold, radii, queries, chunk_size):
-  """Fraction of queries inside at least one ball B(manifold_i, radii_i)."""
-  inside = 0
-  for start in range(0, queries.shape[0], chunk_size):
-    d = _pairwise_distances(queries[start:start + chunk_size], manifold)
-    inside += int(np.sum(np.any(d <= radii[None, :], axis=1)))
-  return inside / queries.shape[0]
-
-
-def precision_recall(real_features, fake_features, *, k=3, chunk_size=1024):
-  """Improved precision and recall (Kynkäänniemi et al. 2019).
-
-  Each set's manifold is the union of balls around its points with radius the
-  distance to the k-th nearest neighbour in the same set. Precision is the
-  fraction of fake points inside the real manifold, recall the fraction of real
-  points inside the fake manifold.
-
-  Args:
-    real_features: [N, D].
-    fake_features: [M, D].
-    k: neighbourhood size; the paper uses 3.
-    chunk_size: rows per block of the pairwise-distance matrix (bounds memory).
-
-  Returns:
-    (precision, recall), Python floats in [0, 1].
-  """
-  real = np.asarray(real_features, np.float64)
-  fake = np.asarray(fake_features, np.float64)
-  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-    raise ValueError("real_features and fake_features must be [N, D] and [M, D]; "
-                     f"got {real.shape} and {fake.shape}.")
-  if min(real.shape[0], fake.shape[0]) <= k:
-    raise ValueError(f"Each set needs more than k={k} points; got "
-                     f"{real.shape[0]} real and {fake.shape[0]} fake.")
-  real_radii = _kth_neighbour_radii(real, k, chunk_size)
-  fake_radii = _kth_neighbour_radii(fake, k, chunk_size)
-  precision = _coverage(real, real_radii, fake, chunk_size)
-  recall = _coverage(fake, fake_radii, real, chunk_size)
-  return precision, recall
-
-
 def metric_names(extractor):
   """Display names for the metrics an extractor's features give.
 
@@ -177,10 +122,10 @@ def metric_names(extractor):
   names; any other extractor's figures carry its name, e.g. "FID (digits-cnn)".
 
   Returns:
-    {"fid": ..., "is": ..., "precision": ..., "recall": ...}.
+    {"fid": ..., "sfid": ..., "is": ..., "precision": ..., "recall": ...}.
   """
   suffix = "" if getattr(extractor, "comparable", False) else f" ({extractor.name})"
-  return {"fid": "FID" + suffix, "is": "IS" + suffix,
+  return {"fid": "FID" + suffix, "sfid": "sFID" + suffix, "is": "IS" + suffix,
           "precision": "Precision" + suffix, "recall": "Recall" + suffix}
 
 
@@ -313,9 +258,8 @@ class FeatureStats:
     scores = np.exp(kl)
     return float(scores.mean()), float(scores.std())
 
-  def save(self, path):
-    """Writes an .npz with `mu`, `sigma` (ADM/TTUR's keys) and what merging needs,
-    atomically, to any epath (gs:// too)."""
+  def to_arrays(self, suffix=""):
+    """`mu`, `sigma` (ADM/TTUR's keys) and what merging needs, each key + suffix."""
     arrays = {"mu": self.mean, "sigma": self.cov}
     if self._frozen_cov is None:
       arrays.update(count=np.int64(self.count), next_index=np.int64(self._next_index),
@@ -325,44 +269,53 @@ class FeatureStats:
     if self._split_count is not None:
       arrays.update(split_count=self._split_count, split_sum_p=self._split_sum_p,
                     split_sum_plogp=self._split_sum_plogp)
-    files.save_npz(path, **arrays)
+    return {key + suffix: value for key, value in arrays.items()}
+
+  def save(self, path):
+    """Writes `to_arrays()` as an .npz, atomically, to any epath (gs:// too)."""
+    files.save_npz(path, **self.to_arrays())
 
   @classmethod
-  def load(cls, path):
-    """Reads `save`'s .npz, or any .npz with `mu` and `sigma` (ADM reference batches).
+  def from_arrays(cls, arrays, suffix="", *, source="the arrays"):
+    """Reads `to_arrays(suffix)`, or `mu`/`sigma` + suffix alone (ADM reference batches).
 
-    A file without a `count` gives frozen statistics: usable as an FID
-    reference, but `update`/`merge` refuse them.
+    Arrays without a `count` give frozen statistics: usable as an FID reference, but
+    `update`/`merge` refuse them. `source` names the file in errors.
     """
-    path = os.fspath(path)
-    if not epath.Path(path).exists():
-      raise FileNotFoundError(f"No statistics file at {path!r}.")
-    arrays = files.load_npz(path)
-    missing = {"mu", "sigma"} - set(arrays)
+    missing = {"mu" + suffix, "sigma" + suffix} - set(arrays)
     if missing:
-      raise ValueError(f"{path!r} is not a statistics file: it lacks "
+      raise ValueError(f"{source} is not a statistics file: it lacks "
                        f"{sorted(missing)} (has {sorted(arrays)}).")
-    mu = arrays["mu"].astype(np.float64)
-    sigma = arrays["sigma"].astype(np.float64)
+    mu = np.asarray(arrays["mu" + suffix], np.float64)
+    sigma = np.asarray(arrays["sigma" + suffix], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-      raise ValueError(f"{path!r}: mu must be [D] and sigma [D, D]; got "
+      raise ValueError(f"{source}: mu{suffix} must be [D] and sigma{suffix} [D, D]; got "
                        f"{mu.shape} and {sigma.shape}.")
-    if "count" not in arrays:
+    if "count" + suffix not in arrays:
       stats = cls()
       stats._mean, stats._frozen_cov = mu, sigma
       return stats
-    num_samples = int(arrays["num_samples"])
+    get = lambda key: arrays[key + suffix]
+    num_samples = int(get("num_samples"))
     stats = cls(num_samples=None if num_samples < 0 else num_samples,
-                num_splits=int(arrays["num_splits"]))
-    stats.count = int(arrays["count"])
-    stats._next_index = int(arrays["next_index"])
+                num_splits=int(get("num_splits")))
+    stats.count = int(get("count"))
+    stats._next_index = int(get("next_index"))
     stats._mean = mu
     stats._m2 = sigma * (stats.count - 1)
-    if "split_count" in arrays:
-      stats._split_count = arrays["split_count"].astype(np.int64)
-      stats._split_sum_p = arrays["split_sum_p"].astype(np.float64)
-      stats._split_sum_plogp = arrays["split_sum_plogp"].astype(np.float64)
+    if "split_count" + suffix in arrays:
+      stats._split_count = get("split_count").astype(np.int64)
+      stats._split_sum_p = get("split_sum_p").astype(np.float64)
+      stats._split_sum_plogp = get("split_sum_plogp").astype(np.float64)
     return stats
+
+  @classmethod
+  def load(cls, path):
+    """Reads `save`'s .npz, or any .npz with `mu` and `sigma` (ADM reference batches)."""
+    path = os.fspath(path)
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(f"No statistics file at {path!r}.")
+    return cls.from_arrays(files.load_npz(path), source=repr(path))
 
   def _check_mutable(self):
     if self._frozen_cov is not None:

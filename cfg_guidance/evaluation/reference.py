@@ -1,9 +1,14 @@
 """Evaluation's reference side: the feature extractor and the real data's statistics.
 
-Statistics are computed once per data set and extractor and cached as `.npz`; every
-process takes part, process 0 decides and writes.
+One `.npz` per data set and extractor holds the training split's FID statistics (`mu`,
+`sigma`, ...), sFID's (`mu_s`, `sigma_s`, ..., as in ADM's reference batches) and the
+precision/recall real set: the record indices of a seeded, uniformly random subset
+(`pr_indices`, `pr_seed`, `pr_num_samples`) and their features (`pr_features`), so a
+rerun compares with the same images. Every process takes part; process 0 decides and
+writes.
 """
 
+import dataclasses
 import logging
 
 from etils import epath
@@ -11,9 +16,31 @@ import jax
 import numpy as np
 
 from cfg_guidance import files, images
-from cfg_guidance.data import pipeline, sources
+from cfg_guidance.data import pipeline, sources, stream
 from cfg_guidance.evaluation import classifier, inception, metrics
 from cfg_guidance.runtime import distributed
+
+SPATIAL_SUFFIX = "_s"  # ADM's reference batches name sFID's statistics mu_s, sigma_s.
+PR_KEYS = ("pr_indices", "pr_features", "pr_seed", "pr_num_samples")
+_PR_STREAM = 2  # Keeps the subset's draw apart from other uses of eval.pr_seed.
+# What process 0 tells the others to do (bits), or that it is raising.
+_PASS, _SUBSET, _ERROR = 1, 2, 4
+
+
+@dataclasses.dataclass
+class Reference:
+  """The real data's side of every metric (process 0's; None elsewhere).
+
+  stats: FID statistics; spatial: sFID statistics, None without spatial features;
+  real_features: float32 [M, D] precision/recall real set, None when not asked for;
+  real_indices: [M] its record indices in the training split (None for a real set that
+  came from an ADM reference batch's images).
+  """
+  path: epath.Path
+  stats: metrics.FeatureStats | None = None
+  spatial: metrics.FeatureStats | None = None
+  real_features: np.ndarray | None = None
+  real_indices: np.ndarray | None = None
 
 
 def _training_arrays(data_config) -> tuple[np.ndarray, np.ndarray]:
@@ -59,13 +86,21 @@ def reference_path(eval_config, data_config, workdir, extractor) -> epath.Path:
           / f"reference_{data_config.name}_{extractor.name}.npz")
 
 
-def _pr_path(path: epath.Path, num: int) -> epath.Path:
-  return path.parent / f"{path.stem}_pr{num}.npz"
+def spatial_dim(extractor) -> int | None:
+  """The extractor's spatial feature size (sFID), None if it has no spatial features."""
+  return getattr(extractor, "spatial_dim", None)
 
 
-def _reference_pass(data_config, extractor, batch_size: int, image_shape
-                    ) -> metrics.FeatureStats:
-  """Feature statistics of the whole training split (process 0's; empty elsewhere).
+def _extract(extractor, x):
+  """(features, spatial features or None) of uint8 images x."""
+  if spatial_dim(extractor) is None:
+    return extractor(x)[0], None
+  features, _, spatial = extractor(x, spatial=True)
+  return features, spatial
+
+
+def _reference_pass(data_config, extractor, batch_size: int, image_shape):
+  """FID and sFID statistics of the whole training split (process 0's; empty elsewhere).
 
   Every process reads its shard; rounds of a fixed size with a validity mask keep every
   process in every gather until all are done.
@@ -73,55 +108,147 @@ def _reference_pass(data_config, extractor, batch_size: int, image_shape
   per_process = -(-batch_size // jax.process_count())
   batches = pipeline.iterate_once(data_config, batch_size=per_process)
   stats = metrics.FeatureStats()
+  spatial = None if spatial_dim(extractor) is None else metrics.FeatureStats()
   while True:
     batch = next(batches, None)
     n = 0 if batch is None else len(batch["label"])
     x = (np.zeros((0, *image_shape), np.uint8) if batch is None
          else images.to_uint8(batch["image"]))
-    features, _ = extractor(x)
-    padded = np.zeros((per_process, features.shape[1]), np.float32)
-    padded[:n] = features
-    features, valid = distributed.gather(padded, np.arange(per_process) < n)
+    outputs = [a for a in _extract(extractor, x) if a is not None]
+    padded = [np.zeros((per_process, a.shape[1]), np.float32) for a in outputs]
+    for p, a in zip(padded, outputs):
+      p[:n] = a
+    *gathered, valid = distributed.gather(*padded, np.arange(per_process) < n)
     if not valid.any():
-      return stats
+      return stats, spatial
     if jax.process_index() == 0:
-      stats.update(features[valid])
+      stats.update(gathered[0][valid])
+      if spatial is not None:
+        spatial.update(gathered[1][valid])
 
 
-def _first_real_features(data_config, extractor, num: int) -> np.ndarray:
-  """Features [num, D] of the training split's first `num` examples (one process reads)."""
-  kept, count = [], 0
-  for batch in pipeline.iterate_once(data_config, batch_size=min(num, 1000),
-                                     process_index=0, process_count=1):
-    features, _ = extractor(images.to_uint8(batch["image"][:num - count]))
-    kept.append(features)
-    count += len(features)
-    if count >= num:
-      break
-  return np.concatenate(kept)
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
 
 
-def reference_statistics(eval_config, data_config, workdir, extractor, *, image_shape):
-  """(statistics, path, real features for precision/recall or None) of the training split.
+def draw_subset(num_records: int, num: int, seed: int) -> np.ndarray:
+  """Sorted int64 [min(num, num_records)] record indices, uniform without replacement."""
+  rng = np.random.default_rng([seed, _PR_STREAM])
+  return np.sort(rng.choice(num_records, size=min(num, num_records), replace=False))
 
-  Loaded from `reference_path` if it exists, else computed with `extractor` and saved
-  there (process 0). The statistics and features are None on other processes.
+
+def subset_features(data_config, extractor, indices: np.ndarray, batch_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [M, D] features, [M] indices) of the split's records `indices`.
+
+  Process p reads its contiguous share of the indices by random access; process 0
+  gathers them (empty arrays elsewhere). Unreadable records are left out.
+  """
+  # The data layer's random-access source: iterate_once only reads whole shards.
+  source = pipeline.open_source(data_config, "train")
+  process, count = jax.process_index(), jax.process_count()
+  start, stop = stream.shard_range(len(indices), process, count, drop_remainder=False)
+  per_process = _ceil_div(batch_size, count)
+  num_rounds = _ceil_div(_ceil_div(len(indices), count), per_process)  # The same on all.
+  kept_features, kept_indices = [], []
+  for r in range(num_rounds):
+    records = indices[start + r * per_process:min(start + (r + 1) * per_process, stop)]
+    x, _, ok = source.load(records, np.zeros(len(records), bool))
+    records = records[ok]
+    features, _ = _extract(extractor, images.to_uint8(x[ok]))
+    padded = np.zeros((per_process, features.shape[1]), np.float32)
+    padded[:len(records)] = features
+    padded_indices = np.full(per_process, -1, np.int64)
+    padded_indices[:len(records)] = records
+    features, got = distributed.gather(padded, padded_indices)
+    kept_features.append(features[got >= 0])
+    kept_indices.append(got[got >= 0])
+  features, got = np.concatenate(kept_features), np.concatenate(kept_indices)
+  if len(got) < len(indices) and process == 0:
+    logging.warning("%d of the %d precision/recall reference records are unreadable; "
+                    "using the other %d.", len(indices) - len(got), len(indices), len(got))
+  order = np.argsort(got)
+  return features[order], got[order]
+
+
+def _plan(ev, path: epath.Path, extractor) -> tuple[int, dict | None, str]:
+  """(action bits, the file's arrays or None, error message) on process 0."""
+  if not path.exists():
+    return _PASS | (_SUBSET if ev.precision_recall else 0), None, ""
+  arrays = files.load_npz(path)
+  action, ours = 0, "count" in arrays
+  if spatial_dim(extractor) is not None and "mu" + SPATIAL_SUFFIX not in arrays:
+    if ev.reference_stats:
+      return _ERROR, None, (
+          f"config.eval.reference_stats={ev.reference_stats!r} has no sFID statistics "
+          f"(mu{SPATIAL_SUFFIX}, sigma{SPATIAL_SUFFIX}): it predates sFID or comes from "
+          "another tool. Delete it to recompute it there, leave the field unset to "
+          "compute WORKDIR/eval/'s, or use an ADM reference batch (which has them).")
+    logging.warning("%s predates sFID (no mu_s/sigma_s); recomputing it.", path)
+    return _PASS | (_SUBSET if ev.precision_recall else 0), None, ""
+  if ev.precision_recall and "arr_0" not in arrays and not (
+      set(PR_KEYS) <= set(arrays) and int(arrays["pr_seed"]) == ev.pr_seed
+      and int(arrays["pr_num_samples"]) == ev.pr_num_samples):
+    action |= _SUBSET
+    if not ours:
+      logging.info("%s cannot hold the precision/recall real set; drawing it each run.",
+                   path)
+  return action, arrays, ""
+
+
+def reference_statistics(eval_config, data_config, workdir, extractor, *,
+                         image_shape) -> Reference:
+  """The training split's Reference, from `reference_path` or computed and saved there.
+
+  A missing file is computed (one pass over the split) and written by process 0; a
+  workdir file from before sFID is recomputed, while an eval.reference_stats file
+  without sFID's statistics raises ValueError. The precision/recall real set is
+  eval.pr_num_samples records drawn from eval.pr_seed; a file that holds another draw
+  (or none) gets this one added. An ADM reference batch (mu, sigma, mu_s, sigma_s,
+  arr_0) is used as ADM's evaluator uses it: its images are the real set.
   """
   ev = eval_config
   path = reference_path(ev, data_config, workdir, extractor)
-  keep = ev.pr_num_samples if ev.precision_recall else 0
-  if not distributed.chief_says(path.exists()):
+  is_chief = jax.process_index() == 0
+  action, arrays, error = _plan(ev, path, extractor) if is_chief else (0, None, "")
+  action = distributed.chief_value(action)
+  if action & _ERROR:
+    raise ValueError(error or f"Process 0 found {path} unusable (see its log).")
+  if action & _PASS:
     logging.info("Computing reference statistics of %s with %s -> %s.", data_config.name,
                  extractor.name, path)
-    stats = _reference_pass(data_config, extractor, ev.batch_size, image_shape)
-    if jax.process_index() == 0:
-      stats.save(path)
-  if jax.process_index() != 0:
-    return None, path, None
-  real = None
-  if keep:
-    pr_path = _pr_path(path, keep)
-    if not pr_path.exists():
-      files.save_npz(pr_path, features=_first_real_features(data_config, extractor, keep))
-    real = files.load_npz(pr_path)["features"]
-  return metrics.FeatureStats.load(path), path, real
+    stats, spatial = _reference_pass(data_config, extractor, ev.batch_size, image_shape)
+    if is_chief:
+      arrays = stats.to_arrays()
+      if spatial is not None:
+        arrays.update(spatial.to_arrays(SPATIAL_SUFFIX))
+  if action & _SUBSET:
+    num_records = distributed.chief_value(
+        len(pipeline.open_source(data_config, "train")) if is_chief else 0)
+    indices = draw_subset(num_records, ev.pr_num_samples, ev.pr_seed)
+    features, indices = subset_features(data_config, extractor, indices, ev.batch_size)
+    if is_chief:
+      arrays.update(pr_indices=indices, pr_features=features,
+                    pr_seed=np.int64(ev.pr_seed),
+                    pr_num_samples=np.int64(ev.pr_num_samples))
+  if is_chief and (action & _PASS or (action & _SUBSET and "count" in arrays)):
+    files.save_npz(path, **arrays)
+  if not is_chief:
+    return Reference(path)
+  return _from_arrays(arrays, path, extractor, ev.precision_recall)
+
+
+def _from_arrays(arrays: dict, path: epath.Path, extractor, precision_recall: bool
+                 ) -> Reference:
+  source = repr(str(path))
+  ref = Reference(path, stats=metrics.FeatureStats.from_arrays(arrays, source=source))
+  if spatial_dim(extractor) is not None:
+    ref.spatial = metrics.FeatureStats.from_arrays(arrays, SPATIAL_SUFFIX, source=source)
+  if not precision_recall:
+    return ref
+  if "pr_features" in arrays:
+    ref.real_features = arrays["pr_features"].astype(np.float32)
+    ref.real_indices = arrays["pr_indices"]
+  else:  # ADM's reference batch: its images, uint8 [N, H, W, 3], are the real set.
+    ref.real_features = np.asarray(extractor(arrays["arr_0"])[0], np.float32)
+  return ref

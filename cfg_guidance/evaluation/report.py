@@ -12,47 +12,53 @@ from etils import epath
 import numpy as np
 
 from cfg_guidance import files, images
-from cfg_guidance.evaluation import metrics
+from cfg_guidance.evaluation import manifold, metrics
 
-PR_K = 3  # Kynkäänniemi et al.'s neighbourhood size for precision/recall.
+PR_K = manifold.K
 
 # Record keys in table order, with the direction that is better (Table 1: FID ↓, IS ↑).
-METRICS = (("fid", "↓"), ("is", "↑"), ("precision", "↑"), ("recall", "↑"),
+METRICS = (("fid", "↓"), ("sfid", "↓"), ("is", "↑"), ("precision", "↑"), ("recall", "↑"),
            ("accuracy", "↑"), ("diversity", ""))
 
 
 class SweepStats:
   """Running statistics of one guidance weight's samples, fed a batch at a time.
 
-  FID/IS moments (metrics.FeatureStats, IS splits by global index), the classifier's
-  accuracy on the intended labels, per-class feature moments for the diversity, and the
-  features of examples with index < `keep` for precision/recall. Rows with index >=
-  num_samples (the padding of a last batch) are dropped.
+  FID/IS moments (metrics.FeatureStats, IS splits by global index), sFID's moments of
+  the spatial features (`with_spatial`), the classifier's accuracy on the intended
+  labels, per-class feature moments for the diversity, and with `precision_recall` every
+  sample's features as float32 (ADM compares all 50,000 samples: 400 MB at D = 2048).
+  Rows with index >= num_samples (the padding of a last batch) are dropped.
   """
 
-  def __init__(self, *, num_samples: int, num_classes: int, keep: int = 0,
-               with_accuracy: bool = False, num_splits: int = metrics.DEFAULT_SPLITS):
-    self.num_samples, self.num_classes, self.keep = num_samples, num_classes, keep
-    self.with_accuracy = with_accuracy
+  def __init__(self, *, num_samples: int, num_classes: int,
+               precision_recall: bool = False, with_accuracy: bool = False,
+               with_spatial: bool = False, num_splits: int = metrics.DEFAULT_SPLITS):
+    self.num_samples, self.num_classes = num_samples, num_classes
+    self.precision_recall, self.with_accuracy = precision_recall, with_accuracy
     self.fid_is = metrics.FeatureStats(num_samples=num_samples, num_splits=num_splits)
+    self.spatial = metrics.FeatureStats() if with_spatial else None
     self.num_correct = 0
     self.class_count = np.zeros(num_classes, np.int64)
     self._class_mean = self._class_m2 = None  # [K, D] float64.
     self._kept = []
 
-  def add(self, indices, features, logits, labels) -> None:
-    """indices, labels: [B] ints; features: [B, D]; logits: [B, C]."""
+  def add(self, indices, features, logits, labels, spatial=None) -> None:
+    """indices, labels: [B] ints; features: [B, D]; logits: [B, C]; spatial: [B, S]."""
     indices = np.asarray(indices)
     valid = indices < self.num_samples
     indices, labels = indices[valid], np.asarray(labels)[valid]
-    features = np.asarray(features, np.float64)[valid]
+    kept = np.asarray(features)[valid]
+    features = kept.astype(np.float64)
     logits = np.asarray(logits, np.float64)[valid]
     self.fid_is.update(features, logits, indices=indices)
+    if self.spatial is not None:
+      self.spatial.update(np.asarray(spatial, np.float64)[valid])
     if self.with_accuracy:
       self.num_correct += int(np.sum(np.argmax(logits, axis=-1) == labels))
     self._add_class_moments(features, labels)
-    if self.keep:
-      self._kept.append(features[indices < self.keep])
+    if self.precision_recall:
+      self._kept.append(kept.astype(np.float32))
 
   def _add_class_moments(self, features, labels):
     """Chan et al.'s merge of per-class count, mean and M2 (per feature dimension)."""
@@ -81,15 +87,19 @@ class SweepStats:
     return float(np.sqrt(var).mean(axis=1).mean())
 
   def results(self, reference: metrics.FeatureStats,
-              real_features: np.ndarray | None = None) -> dict:
-    """{fid, is, is_std, [precision, recall], [accuracy], diversity} against the real data.
+              real_features: np.ndarray | None = None,
+              spatial_reference: metrics.FeatureStats | None = None) -> dict:
+    """{fid, [sfid], is, is_std, [precision, recall], [accuracy], diversity}.
 
-    reference: the training split's statistics; real_features: [M, D] for precision/recall.
+    reference, spatial_reference: the training split's FID and sFID statistics;
+    real_features: [M, D], the precision/recall real set.
     """
     out = {"fid": self.fid_is.frechet_distance(reference)}
+    if self.spatial is not None:
+      out["sfid"] = self.spatial.frechet_distance(spatial_reference)
     out["is"], out["is_std"] = self.fid_is.inception_score()
-    if self.keep:
-      out["precision"], out["recall"] = metrics.precision_recall(
+    if self.precision_recall:
+      out["precision"], out["recall"] = manifold.precision_recall(
           real_features, np.concatenate(self._kept), k=PR_K)
     if self.with_accuracy:
       out["accuracy"] = self.num_correct / self.fid_is.count
@@ -107,10 +117,12 @@ def metric_labels(names: dict, extractor_name: str) -> dict:
 
 
 def results_metadata(eval_config, settings, *, step: int, extractor, reference_path,
-                     reference_count: int, checkpoint) -> dict:
+                     reference_count: int, checkpoint, pr_num_real: int | None = None
+                     ) -> dict:
   """What results.json says besides the records: checkpoint, sampler, extractor, names.
 
-  eval_config: config.eval; settings: the sweep's `generate.Settings`.
+  eval_config: config.eval; settings: the sweep's `generate.Settings`; pr_num_real: the
+  size of the precision/recall real set.
   """
   ev, s = eval_config, settings
   names = metrics.metric_names(extractor)
@@ -123,7 +135,8 @@ def results_metadata(eval_config, settings, *, step: int, extractor, reference_p
       reference_stats=os.fspath(reference_path), reference_count=reference_count or None,
       checkpoint=os.fspath(checkpoint))
   if ev.precision_recall:
-    meta.update(pr_num_samples=ev.pr_num_samples, pr_k=PR_K)
+    meta.update(pr_num_real=pr_num_real, pr_num_fake=ev.num_samples, pr_seed=ev.pr_seed,
+                pr_k=PR_K)
   if getattr(extractor, "heldout_accuracy", None) is not None:
     meta["classifier_heldout_accuracy"] = extractor.heldout_accuracy
   return meta
@@ -188,7 +201,8 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
              f"{metadata['sampler']} sampler, T = {metadata['num_steps']}, "
              f"v = {metadata['v']:g}; features: {metadata['extractor']}")
   if not metadata["comparable"]:
-    caption += " (a stand-in network: not comparable with published FID/IS)"
+    caption += " (a stand-in network: not comparable with published FID/IS"
+    caption += "; sFID from its last convolution)" if "sfid" in records[0] else ")"
   return "\n".join(lines) + f"\n\n{caption}.\n"
 
 

@@ -1,4 +1,5 @@
-"""--mode=evaluate: FID, IS and more of a checkpoint's EMA samples for each guidance weight.
+"""--mode=evaluate: FID, sFID, IS, precision/recall and more of a checkpoint's EMA samples
+for each guidance weight, by the protocol of ADM's evaluator.
 
 Example i has label i mod num_classes and is drawn by the sampling driver
 (`generate`) from fold_in(key(eval.seed), i), so the images do not depend on batch size,
@@ -47,9 +48,8 @@ class Evaluation:
     self.extractor = reference.make_extractor(ev, config.data, workdir,
                                               num_classes=config.model.num_classes,
                                               seed=config.seed)
-    self.reference, self.reference_path, self.real_features = (
-        reference.reference_statistics(ev, config.data, workdir, self.extractor,
-                                       image_shape=self.settings.shape))
+    self.reference = reference.reference_statistics(
+        ev, config.data, workdir, self.extractor, image_shape=self.settings.shape)
     # clu imports TensorFlow (~5 s): only a running evaluation needs it.
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.writer = metric_writers.create_default_writer(
@@ -82,22 +82,25 @@ class Evaluation:
   def _sweep(self, eps_fn, w: float) -> dict | None:
     """eval.num_samples samples at weight w, streamed through the extractor."""
     ev, num_classes = self.config.eval, self.config.model.num_classes
+    with_spatial = reference.spatial_dim(self.extractor) is not None  # sFID.
     stats = report.SweepStats(
         num_samples=ev.num_samples, num_classes=num_classes,
-        keep=ev.pr_num_samples if ev.precision_recall else 0,
+        precision_recall=ev.precision_recall, with_spatial=with_spatial,
         with_accuracy=isinstance(self.extractor, classifier.ClassifierExtractor))
     labels = np.arange(ev.num_samples) % num_classes
     for batch in generate.batches(eps_fn, labels, w, settings=self.settings, seed=ev.seed,
                                   mesh=self.mesh):
-      features, logits = self.extractor(images.to_uint8(batch.samples))
-      indices, valid, features, logits = distributed.gather(batch.indices, batch.valid,
-                                                            features, logits)
+      x = images.to_uint8(batch.samples)
+      outputs = self.extractor(x, spatial=True) if with_spatial else self.extractor(x)
+      indices, valid, *outputs = distributed.gather(batch.indices, batch.valid, *outputs)
       if self.is_chief:
-        stats.add(indices[valid], features[valid], logits[valid],
-                  indices[valid] % num_classes)
+        stats.add(indices[valid], *(a[valid] for a in outputs[:2]),
+                  indices[valid] % num_classes,
+                  outputs[2][valid] if with_spatial else None)
     if not self.is_chief:
       return None
-    return {"w": w, **stats.results(self.reference, self.real_features)}
+    ref = self.reference
+    return {"w": w, **stats.results(ref.stats, ref.real_features, ref.spatial)}
 
   def _grid(self, eps_fn, w: float) -> np.ndarray | None:
     """Figs. 6/7 at a fixed seed: random classes left, eval.grid_class right."""
@@ -119,8 +122,10 @@ class Evaluation:
              records: list[dict]) -> None:
     metadata = report.results_metadata(
         self.config.eval, self.settings, step=step, extractor=self.extractor,
-        reference_path=self.reference_path, reference_count=self.reference.count,
-        checkpoint=checkpoint)
+        reference_path=self.reference.path, reference_count=self.reference.stats.count,
+        checkpoint=checkpoint,
+        pr_num_real=(None if self.reference.real_features is None
+                     else len(self.reference.real_features)))
     report.write_all(out_dir, metadata, records)
     report.write_scalars(self.writer, step, metadata, records)
     logging.info("Evaluation of step %d, written to %s:\n%s", step, out_dir,
