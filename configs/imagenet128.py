@@ -1,7 +1,8 @@
 """ImageNet 128×128 as in the paper (Table 2): ADM model, batch 256, 2.7M steps, v = 0.2.
 
 The ImageNet 64×64 settings (configs/imagenet64.py) with the 128×128 model, batch, learning
-rate, length and sampler variance.
+rate, length and sampler variance; random flips and the departures from ADM that its
+docstring lists (warm-up, gradient clipping, T = 256, the final step) carry over.
 
   python -m cfg_guidance.main --config=configs/imagenet128.py --workdir=gs://BUCKET/in128
 """

@@ -42,7 +42,7 @@ Settings (flag, or environment variable):
 Example:
   launch/slurm.sh --nodes=4 --gpus-per-node=8 --partition=gpu --time=2-00:00:00 \
     --config=configs/imagenet128.py --workdir=/shared/runs/imagenet128 \
-    --venv=/shared/venvs/cfg --config.train.batch_size=2048
+    --venv=/shared/venvs/cfg
 EOF
 }
 

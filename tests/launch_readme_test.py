@@ -39,7 +39,7 @@ COVERED = {
     "launch/tpu.sh run --spot": "test_tpu_run_spot",
     "launch/tpu.sh create --spot": "test_tpu_create_spot_waits_until_active",
     "launch/tpu.sh setup": "test_tpu_setup_installs_on_every_worker",
-    "launch/tpu.sh train --config.train.batch_size=512": "test_tpu_train_logs_status",
+    "launch/tpu.sh train": "test_tpu_train_logs_status",
     "launch/tpu.sh logs": "test_tpu_train_logs_status",
     "launch/tpu.sh status": "test_tpu_train_logs_status",
     "launch/tpu.sh evaluate --name=cfg-eval --accelerator=v4-8 --worker=0":
@@ -47,7 +47,7 @@ COVERED = {
     "launch/tpu.sh delete": "test_tpu_delete",
     "launch/slurm.sh --install --venv=/shared/venvs/cfg --cuda=12 --nodes=4 "
     "--gpus-per-node=8 --partition=gpu --time=2-00:00:00 --config=configs/imagenet128.py "
-    "--workdir=/shared/runs/imagenet128 --config.train.batch_size=2048":
+    "--workdir=/shared/runs/imagenet128":
         "test_slurm_install_and_submit",
     'squeue -u "$USER"; tail -F logs/slurm/cfg_guidance-JOBID.out': "test_slurm_monitoring",
     "launch/gpu_local.sh --install --cuda=12 --config=configs/cifar10.py "
@@ -227,8 +227,7 @@ def test_tpu_train_logs_status(env):
   start = env.calls()[-1]
   assert kind(start) == "start" and flag(start, "worker") == "all"
   assert [c for c in env.lines("python.calls") if "cfg_guidance.main" in c] == main_calls(
-      homes, f"--config={CONFIG}", f"--workdir={WORKDIR}", "--mode=train",
-      "--config.train.batch_size=512")
+      homes, f"--config={CONFIG}", f"--workdir={WORKDIR}", "--mode=train")
 
   # logs: follows ~/cfg_guidance/logs/train.log on worker 0.
   (homes[1] / "cfg_guidance" / "logs" / "train.log").write_text("worker 1\n")
@@ -323,8 +322,7 @@ def test_slurm_install_and_submit(env):
   (sbatch,) = commands[3:]
   split = sbatch.index(str(env.root / "launch" / "slurm_train.sbatch"))
   assert sbatch[split + 1:] == ["--config=configs/imagenet128.py",
-                                "--workdir=/shared/runs/imagenet128", "--mode=train",
-                                "--config.train.batch_size=2048"]
+                                "--workdir=/shared/runs/imagenet128", "--mode=train"]
   options = sbatch[1:split]
   for expected in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
                    "--partition=gpu", "--time=2-00:00:00", "--requeue",
