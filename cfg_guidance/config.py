@@ -7,12 +7,15 @@ command line overrides any of them. The model section is a preset from
 """
 
 import importlib.util
+import math
 import os
+from typing import Any, Callable, NamedTuple
 import uuid
 
 from etils import epath
 import jax
 import ml_collections
+import numpy as np
 
 from cfg_guidance import models
 from cfg_guidance.data import pipeline
@@ -110,7 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   ev.watch = False  # Keep evaluating each new checkpoint as it appears.
   ev.watch_interval = 60.0  # Seconds between checks for a new checkpoint in watch mode.
   ev.watch_timeout = 0.0  # Stop watching after this many idle seconds (0 = never).
-  ev.pr_num_samples = 10_000  # Real and fake features kept for precision/recall (k = 3).
+  ev.pr_num_samples = 10_000  # Random real images for precision/recall vs all samples.
+  ev.pr_seed = 0  # Draws that real subset; its indices are kept in the reference file.
   ev.grid_class = 0  # The one class on the right of each w's sample grid (Figs. 6/7).
   ev.grid_size = 6  # Each w's grid: grid_size² random-class samples, as many of grid_class.
   return config
@@ -159,46 +163,154 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
   return config
 
 
-# --- Checks that run before any compute, each error naming the field. ---
+# --- Checks that run before any compute, each error naming the field, the value and
+# what is allowed. A field's rule lives in RULES; rules across fields in the check_*s.
 
 def _require(ok: bool, message: str) -> None:
   if not ok:
     raise ValueError(message)
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, (bool, np.bool_)) and math.isfinite(v))
+
+
+class Rule(NamedTuple):
+  test: Callable[[Any], bool]
+  allowed: str  # Completes "must be ...".
+
+
+def ints(lo: int | None = None, *, none: bool = False, note: str = "") -> Rule:
+  return Rule(lambda v: (none and v is None) or (_is_int(v) and (lo is None or v >= lo)),
+              ("an int" if lo is None else f"an int >= {lo}")
+              + (" or None" if none else "") + note)
+
+
+def numbers(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Rule:
+  def test(v):
+    return (_is_number(v) and (lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+  bounds = ("" if lo is None and hi is None else
+            f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+            f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+  return Rule(test, "a finite number" + bounds)
+
+
+def one_of(*choices) -> Rule:
+  return Rule(lambda v: v in choices, f"one of {choices}")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+WEIGHTS = Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+               and all(_is_number(w) for w in v),
+               "a non-empty tuple of finite guidance weights")
+
+RULES = {
+    "seed": ints(0),
+    "data.name": one_of(*pipeline.DATASETS),
+    "data.image_size": ints(0, note=" (0: points, as toy2d)"),
+    "data.random_flip": BOOL,
+    "data.num_workers": ints(0),
+    "data.num_threads": ints(0),
+    "data.num_toy_examples": ints(1),
+    "data.toy_seed": ints(0),
+    "diffusion.logsnr_min": numbers(),
+    "diffusion.logsnr_max": numbers(),
+    "diffusion.p_uncond": numbers(0.0, 1.0),
+    "diffusion.parameterization": one_of(*eps.PARAMETERIZATIONS),
+    "train.num_steps": ints(0),
+    "train.batch_size": ints(1),
+    "train.optimizer": one_of("adam", "adamw"),
+    "train.learning_rate": numbers(0.0, lo_open=True),
+    "train.warmup_steps": ints(0),
+    "train.b1": numbers(0.0, 1.0, hi_open=True),
+    "train.b2": numbers(0.0, 1.0, hi_open=True),
+    "train.weight_decay": numbers(0.0),
+    "train.grad_clip_norm": numbers(0.0),
+    "train.ema_decay": numbers(0.0, 1.0, hi_open=True),
+    "train.ema_warmup": BOOL,
+    "train.steps_per_dispatch": ints(1),
+    "train.max_consecutive_nonfinite": ints(1),
+    "train.log_every": ints(1),
+    "train.checkpoint_every": ints(0, note=" (0: only at the end and on preemption)"),
+    "train.keep_checkpoints": ints(1),
+    "train.sample_every": ints(0, note=" (0: never)"),
+    "train.sample_at_end": BOOL,
+    "train.evaluate_at_end": BOOL,
+    "sharding.fsdp": BOOL,
+    "sharding.fsdp_min_size": ints(0),
+    "sample.guidance_weights": WEIGHTS,
+    "sample.num_samples": ints(1),
+    "sample.num_steps": ints(1),
+    "sample.sampler": one_of(*SAMPLERS),
+    "sample.v": numbers(0.0, 1.0),
+    "sample.eta": numbers(0.0, 1.0),
+    "sample.clip_x": one_of(*CLIP_MODES),
+    "sample.batch_size": ints(1),
+    "sample.seed": ints(0),
+    "sample.step": ints(0, none=True),
+    "grid.guidance_weights": WEIGHTS,
+    "grid.samples_per_class": ints(1),
+    "grid.num_steps": ints(1),
+    "grid.seed": ints(0),
+    "eval.guidance_weights": WEIGHTS,
+    "eval.batch_size": ints(1),
+    "eval.num_steps": ints(1),
+    "eval.seed": ints(0),
+    "eval.step": ints(0, none=True),
+}
+_SAMPLER_FIELDS = ("sample.sampler", "sample.v", "sample.eta", "sample.clip_x")
+
+
+def check_fields(config: ml_collections.ConfigDict, *names: str) -> None:
+  """RULES of the named fields (a section name checks every rule under it)."""
+  for name in names:
+    rules = {k: r for k, r in RULES.items() if k == name or k.startswith(name + ".")}
+    _require(bool(rules), f"no rule for config.{name}")  # A typo in the caller.
+    for field, rule in rules.items():
+      section, _, key = field.rpartition(".")
+      holder = config[section] if section else config
+      if key not in holder:
+        continue  # Absent from an older run's saved config: its default applies.
+      value = holder[key]
+      _require(rule.test(value),
+               f"config.{field}={value!r} must be {rule.allowed}.")
+
+
+def _check_classes(field: str, classes, num_classes: int, *, none: bool) -> None:
+  if none and classes is None:
+    return
+  _require(isinstance(classes, (tuple, list)) and len(classes) > 0
+           and all(_is_int(c) and 0 <= c < num_classes for c in classes),
+           f"config.{field}={classes!r} must be a non-empty tuple of class labels in "
+           f"[0, {num_classes - 1}] (config.model.num_classes={num_classes}; "
+           f"{num_classes} is ∅){' or None' if none else ''}.")
+
+
 def check_common(config: ml_collections.ConfigDict) -> None:
   """Fields every mode reads: data, model, diffusion."""
-  _require(config.data.name in pipeline.DATASETS,
-           f"config.data.name={config.data.name!r} is not a known data set; choose one of "
-           f"{pipeline.DATASETS}.")
+  check_fields(config, "seed", "data", "diffusion")
   models.parse_config(config.model)  # Names config.model.<field>.
   d = config.diffusion
-  _require(0.0 <= d.p_uncond <= 1.0,
-           f"config.diffusion.p_uncond={d.p_uncond} must lie in [0, 1].")
   _require(d.logsnr_min < d.logsnr_max,
            f"config.diffusion.logsnr_min={d.logsnr_min} must be below "
            f"config.diffusion.logsnr_max={d.logsnr_max}.")
-  _require(d.parameterization in eps.PARAMETERIZATIONS,
-           f"config.diffusion.parameterization={d.parameterization!r} must be one of "
-           f"{eps.PARAMETERIZATIONS}.")
 
 
 def check_sampler(config: ml_collections.ConfigDict, num_steps_field: str) -> None:
   """config.sample's sampler settings, and the job's step count (e.g. "eval.num_steps")."""
-  s = config.sample
-  _require(s.sampler in SAMPLERS,
-           f"config.sample.sampler={s.sampler!r} must be one of {SAMPLERS}.")
-  _require(s.clip_x in CLIP_MODES,
-           f"config.sample.clip_x={s.clip_x!r} must be one of {CLIP_MODES}.")
-  _require(0.0 <= s.v <= 1.0, f"config.sample.v={s.v} must lie in [0, 1].")
-  _require(0.0 <= s.eta <= 1.0, f"config.sample.eta={s.eta} must lie in [0, 1].")
-  section, name = num_steps_field.split(".")
-  _require(config[section][name] >= 1,
-           f"config.{num_steps_field}={config[section][name]} must be at least 1.")
+  check_fields(config, *_SAMPLER_FIELDS, num_steps_field)
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir exists or can be made, and a file can be written in it."""
+  """The workdir exists or can be made, a file can be written in it, and its
+  `checkpoints` is a directory (or absent)."""
   path = epath.Path(workdir)
   probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
@@ -207,34 +319,38 @@ def check_workdir(workdir: str) -> None:
     probe.unlink()
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not writable: {e}") from e
+  checkpoints = path / "checkpoints"
+  _require(not checkpoints.exists() or checkpoints.is_dir(),
+           f"{checkpoints} is not a directory: checkpoints cannot be written there. Move "
+           "it aside or choose another --workdir.")
 
 
 def check_train(config: ml_collections.ConfigDict, workdir: str,
                 num_devices: int | None = None) -> None:
-  """Everything training needs, checked before any compute (and before the workdir)."""
+  """Everything training reads (and the end-of-training jobs' own fields), checked
+  before any compute; the workdir last."""
   num_devices = num_devices or jax.device_count()
   check_common(config)
+  check_fields(config, "train", "sharding")
   t = config.train
-  _require(t.optimizer in ("adam", "adamw"),
-           f"config.train.optimizer={t.optimizer!r} must be 'adam' or 'adamw'.")
-  _require(t.num_steps >= 0, f"config.train.num_steps={t.num_steps} must be >= 0.")
-  _require(t.batch_size >= 1, f"config.train.batch_size={t.batch_size} must be >= 1.")
   _require(t.batch_size % num_devices == 0,
            f"config.train.batch_size={t.batch_size} must be divisible by the number of "
            f"devices ({num_devices}).")
   _require(t.batch_size % jax.process_count() == 0,
            f"config.train.batch_size={t.batch_size} must be divisible by the number of "
            f"processes ({jax.process_count()}).")
-  _require(t.steps_per_dispatch >= 1,
-           f"config.train.steps_per_dispatch={t.steps_per_dispatch} must be >= 1.")
-  _require(0.0 <= t.ema_decay < 1.0,
-           f"config.train.ema_decay={t.ema_decay} must lie in [0, 1).")
-  _require(t.learning_rate > 0,
-           f"config.train.learning_rate={t.learning_rate} must be positive.")
-  _require(t.max_consecutive_nonfinite >= 1,
-           f"config.train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} must be "
-           ">= 1.")
-  check_sampler(config, "grid.num_steps")
+  _require(t.num_steps % t.steps_per_dispatch == 0,
+           f"config.train.num_steps={t.num_steps} must be a multiple of "
+           f"config.train.steps_per_dispatch={t.steps_per_dispatch} (each dispatch runs "
+           "that many steps; logging, grids and checkpoints happen at the first dispatch "
+           "boundary at or after their multiple).")
+  if config.model.name == "unet":  # Only image models write grids.
+    check_sampler(config, "grid.num_steps")
+    check_fields(config, "grid")
+    _check_classes("grid.classes", config.grid.classes, config.model.num_classes,
+                   none=False)
+  if t.sample_at_end:
+    check_sample(config)
   check_workdir(workdir)
 
 
@@ -242,9 +358,28 @@ def check_sample(config: ml_collections.ConfigDict) -> None:
   """Everything --mode=sample reads."""
   check_common(config)
   check_sampler(config, "sample.num_steps")
-  s = config.sample
-  _require(s.num_samples >= 1, f"config.sample.num_samples={s.num_samples} must be >= 1.")
-  _require(s.batch_size >= 1, f"config.sample.batch_size={s.batch_size} must be >= 1.")
+  check_fields(config, "sample")
+  _check_classes("sample.classes", config.sample.classes, config.model.num_classes,
+                 none=True)
+
+
+def check_data(config: ml_collections.ConfigDict, *, num_classes: int,
+               example_shape: tuple[int, ...], source: str) -> None:
+  """The model fits the data: every label is a real class and the shapes agree.
+
+  num_classes: labels in the data are 0..num_classes-1; example_shape: one example's.
+  """
+  m = config.model
+  _require(num_classes <= m.num_classes,
+           f"config.model.num_classes={m.num_classes} but {source} has labels up to "
+           f"{num_classes - 1} ({num_classes} classes): label {m.num_classes} is ∅, the "
+           f"unconditional token, so set config.model.num_classes={num_classes} (or more).")
+  want = tuple(models.parse_config(m)[1].example_shape())
+  _require(want == tuple(example_shape),
+           f"config.model ({m.name}) takes examples of shape {want} but {source} gives "
+           f"{tuple(example_shape)}"
+           + (f": set config.model.channels={example_shape[-1]}."
+              if len(want) == 3 and want[:2] == tuple(example_shape[:2]) else "."))
 
 
 def check_eval(config: ml_collections.ConfigDict, *, min_samples: int, pr_k: int) -> None:
@@ -272,6 +407,8 @@ def check_eval(config: ml_collections.ConfigDict, *, min_samples: int, pr_k: int
   _require(ev.grid_size >= 1, f"config.eval.grid_size={ev.grid_size} must be >= 1.")
   _require(not ev.precision_recall or ev.pr_num_samples > pr_k,
            f"config.eval.pr_num_samples={ev.pr_num_samples} must exceed k={pr_k}.")
+  _require(isinstance(ev.pr_seed, int) and ev.pr_seed >= 0,
+           f"config.eval.pr_seed={ev.pr_seed!r} must be a non-negative int.")
   _require(ev.watch_interval > 0,
            f"config.eval.watch_interval={ev.watch_interval} must be positive.")
   _require(ev.watch_timeout >= 0,

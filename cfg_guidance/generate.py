@@ -180,14 +180,23 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
     batch = sharding.host_to_global(local, mesh)
     x = _sample_rows(eps_fn, root, batch["indices"], batch["labels"], batch["weights"],
                      batch.get("negative"), settings, out_sharding=out_sharding)
-    return indices[picked][rows], x, valid[rows]
+    return picked[rows], x, valid[rows]
 
   pending = launch(0)
   for following in list(range(size, n, size)) + [None]:
-    index, x, valid = pending
+    position, x, valid = pending
     if following is not None:
       pending = launch(following)
-    yield Batch(index, _local_rows(x, mesh), valid)
+    samples = _local_rows(x, mesh)
+    if not np.isfinite(samples).all():
+      bad = position[valid & ~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)]
+      raise FloatingPointError(
+          f"samples {indices[bad][:5].tolist()}{'...' if len(bad) > 5 else ''} came out "
+          "NaN or inf "
+          f"(labels {np.unique(labels[bad]).tolist()}, guidance weights "
+          f"{np.unique(weights[bad]).tolist()}): the network's ε is not finite there. "
+          "Nothing was written for them.")
+    yield Batch(indices[position], samples, valid)
 
 
 def draw(eps_fn: Callable, labels: Sequence[int], guidance_weight, **kwargs

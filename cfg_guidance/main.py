@@ -4,6 +4,9 @@
       [--mode=train|sample|evaluate] [--config.train.num_steps=100 ...]
 """
 
+import re
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,6 +24,47 @@ flags.DEFINE_bool("cpu_runtime", True,
                   "On CPU (Linux, glibc): run computations inline and keep XLA's scratch "
                   "memory mapped between steps (runtime/backend.py's configure_cpu).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def check_command_line(argv: list[str]) -> None:
+  """Refuses what ml_collections would quietly misread: a --config.FIELD given twice (a
+  tuple's second value is appended to its first) and NaN in a numeric value (not parsed
+  as a number at all, so the whole value becomes one string)."""
+  seen = {}
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "--":
+      break
+    if not arg.startswith("--config."):
+      continue
+    name, eq, value = arg[2:].partition("=")
+    if not eq:
+      value = next(args, "")
+    if name in seen:
+      raise ValueError(f"--{name} is given twice ({seen[name]!r}, then {value!r}): give "
+                       "it once; ml_collections would append a tuple's second value.")
+    seen[name] = value
+    tokens = [t for t in re.split(r"[\s,()\[\]]+", value) if t]
+    if any(t.lower().lstrip("+-") == "nan" for t in tokens) and all(
+        _is_number(t) for t in tokens):
+      raise ValueError(f"--{name}={value}: NaN is not an allowed value of any field.")
+
+
+def _is_number(token: str) -> bool:
+  try:
+    float(token)
+  except ValueError:
+    return False
+  return True
+
+
+def _parse_flags(argv):
+  try:
+    check_command_line(argv)
+  except ValueError as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    sys.exit(1)
+  return app.parse_flags_with_usage(argv)
 
 
 def main(argv):
@@ -45,6 +89,8 @@ def main(argv):
   from cfg_guidance.evaluation import sweep
   # pylint: enable=g-import-not-at-top
   if FLAGS.mode == "train":
+    if config.train.evaluate_at_end:  # Its fields checked now, not after training.
+      sweep.check_config(config)
     state = train.run(config, FLAGS.workdir)
     finished = int(state.step) >= config.train.num_steps  # Not stopped by a preemption.
     if finished and config.train.sample_at_end:
@@ -58,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

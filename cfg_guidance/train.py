@@ -145,35 +145,62 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh or sharding.create_mesh()
   config_lib.check_train(config, workdir, num_devices=mesh.size)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  tx = make_optimizer(config.train)
-  state, state_shardings = state_lib.create(config.model, config.sharding,
-                                            seed=config.seed, mesh=mesh, tx=tx)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  data_iter = pipeline.create_dataset(
-      config.data, global_batch_size=config.train.batch_size, seed=config.seed)
-  if ckpt.latest_step() is not None:
-    restored_step, state, data_state = state_lib.restore(ckpt, state)
-    data_iter.set_state(data_state)
-    logging.info("Resumed from %s.", ckpt.step_path(restored_step))
-  else:
-    parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
-  writer.write_hparams(_flat_hparams(config.to_dict()))
+  with checkpointing.WorkdirLock(workdir):
+    data_iter = pipeline.create_dataset(
+        config.data, global_batch_size=config.train.batch_size, seed=config.seed)
+    config_lib.check_data(config, num_classes=data_iter.num_classes,
+                          example_shape=data_iter.example_shape,
+                          source=data_iter.description)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    _check_resumable(config, ckpt)
+    is_chief = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    tx = make_optimizer(config.train)
+    state, state_shardings = state_lib.create(config.model, config.sharding,
+                                              seed=config.seed, mesh=mesh, tx=tx)
+    if ckpt.latest_step() is not None:
+      restored_step, state, data_state = state_lib.restore(ckpt, state)
+      data_iter.set_state(data_state)
+      logging.info("Resumed from %s.", ckpt.step_path(restored_step))
+      if ckpt.unreadable:  # Newer than the one restored: out of the way of new saves.
+        ckpt.set_aside(ckpt.unreadable)
+    else:
+      parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
+    writer.write_hparams(_flat_hparams(config.to_dict()))
 
-  graphdef = eps.graphdef(config.model)
-  train_fn = make_train_fn(config, graphdef, tx, state_shardings, mesh)
-  grid = _grid_writer(config, workdir, writer, graphdef, mesh)
-  watcher = preemption.PreemptionWatcher()
-  try:
-    state = _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
-                        grid)
-  finally:
-    watcher.close()
-    ckpt.wait_until_finished()
-    writer.flush()
+    graphdef = eps.graphdef(config.model)
+    train_fn = make_train_fn(config, graphdef, tx, state_shardings, mesh)
+    grid = _grid_writer(config, workdir, writer, graphdef, mesh)
+    watcher = preemption.PreemptionWatcher()
+    try:
+      state = _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
+                          grid)
+    finally:
+      watcher.close()
+      try:
+        ckpt.wait_until_finished()
+      finally:
+        writer.flush()
+    ckpt.check_for_errors()
   return state
+
+
+def _check_resumable(config, ckpt: checkpointing.Checkpointer) -> None:
+  """The run in ckpt's directory trained this model with this optimizer (else resuming
+  would fail inside Orbax with a shape or structure error)."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  try:
+    saved = config_lib.from_dict(ckpt.read_config(step))
+  except checkpointing.CheckpointError:
+    return  # Unreadable: the restore falls back past it and says so.
+  where = str(ckpt.step_path(step))
+  config_lib.check_same_model(config, saved, where)
+  if saved.train.optimizer != config.train.optimizer:
+    raise ValueError(f"config.train.optimizer={config.train.optimizer!r} but the run at "
+                     f"{where} was trained with {saved.train.optimizer!r}: resuming needs "
+                     "the same optimizer state.")
 
 
 def _grid_writer(config, workdir, writer, graphdef, mesh):
@@ -217,7 +244,9 @@ def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
     if history:
       _check_finite(history[-1], prev, config.train.max_consecutive_nonfinite, ckpt)
     history.append(metrics)
-    report(step)
+    for s in range(prev + 1, step + 1):  # CLU's hook wants every step, once.
+      report(s)
+    ckpt.check_for_errors()  # An asynchronous save that failed stops training now.
     if _crossed(prev, step, config.train.log_every) or step >= num_steps:
       scalars = _summarize(jax.device_get(history))
       history = []

@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from cfg_guidance import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -44,3 +47,28 @@ def test_cli_rejects_bad_config_naming_field(tmp_path):
   proc = run_main(tmp_path, "--config.diffusion.p_uncond=2.0")
   assert proc.returncode != 0
   assert "config.diffusion.p_uncond" in proc.stderr
+
+
+def test_cli_refuses_a_field_given_twice_before_anything_runs(tmp_path):
+  # TINY sets sample.guidance_weights already; ml_collections would run (0, 3, inf).
+  proc = run_main(tmp_path, "--config.sample.guidance_weights=(1e999,)")
+  assert proc.returncode == 1
+  assert ("--config.sample.guidance_weights is given twice ('(0.0,3.0)', then '(1e999,)')"
+          in proc.stderr)
+  assert not tmp_path.joinpath("checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--config.grid.guidance_weights=(0,nan)"], r"guidance_weights=\(0,nan\): NaN"),
+    (["--config.train.learning_rate", "NaN"], r"learning_rate=NaN: NaN"),
+    (["--config.a.b=1", "--x", "--config.a.b", "2"], r"a\.b is given twice \('1', then '2'\)"),
+])
+def test_command_line_checks(argv, match):
+  with pytest.raises(ValueError, match=match):
+    main.check_command_line(["prog", *argv])
+
+
+def test_command_line_checks_pass_paths_and_single_values():
+  main.check_command_line(["prog", "--config.data.folder=/data/nan/train",
+                           "--config.sample.guidance_weights=(0,1e999)", "--", "--config.a=1",
+                           "--config.a=2"])

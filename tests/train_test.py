@@ -120,6 +120,9 @@ def _poison(monkeypatch, bad_positions):
     def set_state(self, state):
       self.inner.set_state(state)
 
+    def __getattr__(self, name):  # num_classes, example_shape, ...
+      return getattr(self.inner, name)
+
   monkeypatch.setattr(pipeline, "create_dataset",
                       lambda *a, **k: Poisoned(create(*a, **k)))
 

@@ -91,7 +91,7 @@ def _num_toy_examples(data_config) -> int:
   return int(num)
 
 
-def _open_source(data_config, split: str):
+def open_source(data_config, split: str):
   """The random-access source behind data.name; raises ValueError naming a bad field."""
   name = _name(data_config)
   _check_split(name, split)
@@ -105,11 +105,12 @@ def _open_source(data_config, split: str):
     return sources.ArraySource(x, labels, flip_axis=None)
   if name == "image_folder":
     folder = _folder(data_config)
-    _, files, labels = sources.list_image_folder(folder)
-    return sources.FolderSource(folder, files, labels, _image_size(data_config, name))
+    classes, files, labels = sources.list_image_folder(folder)
+    return sources.FolderSource(folder, files, labels, _image_size(data_config, name),
+                                len(classes))
   size = _image_size(data_config, name)
   data_source = sources.open_tfds(_TFDS[name].tfds_name, split, data_config.get("data_dir"))
-  return sources.TfdsSource(data_source, size)
+  return sources.TfdsSource(data_source, size, _TFDS[name].num_classes)
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -160,13 +161,17 @@ class DataIterator:
   continues the exact stream from it. `num_skipped` counts unreadable examples replaced.
   """
 
-  def __init__(self, loader: stream.StreamLoader, *, identity: dict, parallelism: dict):
+  def __init__(self, loader: stream.StreamLoader, *, identity: dict, parallelism: dict,
+               description: str = "the data"):
     self._loader = loader
     self._identity = identity  # What a saved state must match to continue this stream.
     self._parallelism = parallelism
     self._step = 0
     self._batches = None
     self.num_skipped = 0
+    self.num_classes = loader.source.num_classes  # Labels are 0..num_classes-1.
+    self.example_shape = loader.source.example_shape
+    self.description = description  # For messages: which data this is.
 
   def __iter__(self) -> "DataIterator":
     return self
@@ -214,15 +219,17 @@ def create_dataset(data_config, *, global_batch_size: int, seed: int, split: str
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"seed={seed!r} must be a non-negative int.")
   name = _name(data_config)
-  source = _open_source(data_config, split)
+  source = open_source(data_config, split)
   random_flip = bool(data_config.get("random_flip", False)) and name != "toy2d"
   loader = stream.StreamLoader(
       source, seed=int(seed), process_index=process_index, process_count=process_count,
       batch_size=global_batch_size // process_count, random_flip=random_flip)
   identity = {"seed": int(seed), "dataset": name, "split": split,
               "global_batch_size": int(global_batch_size)}
+  where = f" at {data_config.get('folder')}" if name == "image_folder" else ""
   return DataIterator(loader, identity=identity,
-                      parallelism=_parallelism(data_config, source))
+                      parallelism=_parallelism(data_config, source),
+                      description=f"data set {name}{where}")
 
 
 class OnePassIterator:
@@ -264,7 +271,7 @@ def iterate_once(data_config, *, batch_size: int, split: str = "train",
   process_index, process_count = _processes(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive.")
-  source = _open_source(data_config, split)
+  source = open_source(data_config, split)
   start, stop = stream.shard_range(len(source), process_index, process_count,
                                    drop_remainder=False)
   loader = stream.ChunkLoader(source, start=start, stop=stop, chunk_size=batch_size)

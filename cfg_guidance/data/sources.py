@@ -18,7 +18,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".
 
 
 class ArraySource:
-  """Examples held in memory in their final form. images: float32 [N, ...], labels: [N]."""
+  """Examples held in memory in their final form. images: float32 [N, ...], labels: [N].
+
+  Every source has `num_classes` (its labels are 0..num_classes-1) and `example_shape`.
+  """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *, flip_axis: int | None):
     if len(images) != len(labels):
@@ -26,6 +29,8 @@ class ArraySource:
     self.images = np.asarray(images, np.float32)
     self.labels = np.asarray(labels, np.int32)
     self.flip_axis = flip_axis  # Axis of a batch that a horizontal flip reverses.
+    self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+    self.example_shape = tuple(self.images.shape[1:])
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -41,8 +46,10 @@ class ArraySource:
 class _EncodedSource:
   """Encoded images decoded one at a time; subclasses say how to read a record."""
 
-  def __init__(self, image_size: int):
+  def __init__(self, image_size: int, num_classes: int):
     self.image_size = image_size
+    self.num_classes = num_classes
+    self.example_shape = (image_size, image_size, 3)
 
   def read(self, record: int) -> tuple[bytes, int]:
     raise NotImplementedError
@@ -69,8 +76,8 @@ class _EncodedSource:
 class TfdsSource(_EncodedSource):
   """A TFDS data source (ArrayRecord) whose image feature is left encoded for PIL."""
 
-  def __init__(self, data_source: Sequence[dict], image_size: int):
-    super().__init__(image_size)
+  def __init__(self, data_source: Sequence[dict], image_size: int, num_classes: int):
+    super().__init__(image_size, num_classes)
     self.data_source = data_source
 
   def __len__(self) -> int:
@@ -84,8 +91,9 @@ class TfdsSource(_EncodedSource):
 class FolderSource(_EncodedSource):
   """Image files under root/<class>/..., with labels given by the sorted class names."""
 
-  def __init__(self, root: str, files: Sequence[str], labels: np.ndarray, image_size: int):
-    super().__init__(image_size)
+  def __init__(self, root: str, files: Sequence[str], labels: np.ndarray, image_size: int,
+               num_classes: int):
+    super().__init__(image_size, num_classes)
     self.root = root
     self.files = list(files)  # Relative to root.
     self.labels = np.asarray(labels, np.int32)
