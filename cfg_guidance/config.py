@@ -17,11 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from cfg_guidance import models
+from cfg_guidance import models, sampling
 from cfg_guidance.data import pipeline
 from cfg_guidance.models import eps, presets
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = tuple(sampling.SOLVERS)
+GRIDS = sampling.GRIDS
 CLIP_MODES = ("none", "static", "dynamic")
 EXTRACTORS = ("inception", "classifier")
 FieldReference = ml_collections.FieldReference
@@ -82,10 +83,18 @@ def get_config() -> ml_collections.ConfigDict:
   sample.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)  # One npz and grid per weight.
   sample.num_samples = 100  # Samples per weight.
   sample.classes = FieldReference(None, field_type=tuple)  # None: balanced over all.
-  sample.num_steps = 256  # Sampler steps T.
-  sample.sampler = "ancestral"  # ancestral | ddim
+  sample.num_steps = 256  # Sampler grid points N (network evaluations; heun: 2N - 1).
+  # ancestral (Algorithm 2) | ddim | dpmpp_2m (DPM-Solver++(2M)) | unipc (UniPC-bh2, order
+  # 2 with corrector) | heun (EDM's Heun, 2 evaluations per step, optional churn).
+  sample.sampler = "ancestral"
+  sample.grid = "u"  # λ grid: u (the schedule's, Algorithm 2's) | logsnr (uniform in λ)
   sample.v = 0.3  # Variance interpolation of Eq. 4 (ancestral).
   sample.eta = 0.0  # DDIM stochasticity.
+  sample.lower_order_final = True  # dpmpp_2m/unipc: first-order last step when N < 15.
+  sample.s_churn = 0.0  # heun: EDM's S_churn (0: the deterministic ODE solver).
+  sample.s_tmin = 0.0  # heun: churn only while σ/α lies in [s_tmin, s_tmax].
+  sample.s_tmax = float("inf")
+  sample.s_noise = 1.0  # heun: EDM's S_noise, the churn noise's scale.
   sample.clip_x = "static"  # none | static (x̃ to [-1, 1], as DDPM samples) | dynamic
   sample.batch_size = 500  # Global examples per sampler call.
   sample.seed = 0  # Example i's noise comes from fold_in(key(seed), i).
@@ -251,6 +260,13 @@ RULES = {
     "sample.sampler": one_of(*SAMPLERS),
     "sample.v": numbers(0.0, 1.0),
     "sample.eta": numbers(0.0, 1.0),
+    "sample.grid": one_of(*GRIDS),
+    "sample.lower_order_final": BOOL,
+    "sample.s_churn": numbers(0.0),
+    "sample.s_tmin": numbers(0.0),
+    "sample.s_tmax": Rule(lambda v: v == float("inf") or _is_number(v) and v >= 0,
+                          "a number >= 0 or inf"),
+    "sample.s_noise": numbers(0.0),
     "sample.clip_x": one_of(*CLIP_MODES),
     "sample.batch_size": ints(1),
     "sample.seed": ints(0),
@@ -265,7 +281,9 @@ RULES = {
     "eval.seed": ints(0),
     "eval.step": ints(0, none=True),
 }
-_SAMPLER_FIELDS = ("sample.sampler", "sample.v", "sample.eta", "sample.clip_x")
+_SAMPLER_FIELDS = ("sample.sampler", "sample.grid", "sample.v", "sample.eta",
+                   "sample.clip_x", "sample.lower_order_final", "sample.s_churn",
+                   "sample.s_tmin", "sample.s_tmax", "sample.s_noise")
 
 
 def check_fields(config: ml_collections.ConfigDict, *names: str) -> None:

@@ -23,9 +23,9 @@ from cfg_guidance.runtime import backend, distributed, sharding
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["v", "eta", "logsnr_min", "logsnr_max", "dynamic_percentile",
-                 "guidance_interval"],
+                 "guidance_interval", "s_churn", "s_tmin", "s_tmax", "s_noise"],
     meta_fields=["shape", "null_label", "num_steps", "sampler", "clip_x", "batch_size",
-                 "cond_uncond_batched"])
+                 "cond_uncond_batched", "grid", "lower_order_final"])
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """How to sample, apart from the labels, weights and seed. See `sampling.sample`.
@@ -35,8 +35,8 @@ class Settings:
   """
   shape: tuple[int, ...]  # One example, e.g. (64, 64, 3).
   null_label: int  # ∅'s index: the number of classes.
-  num_steps: int  # T.
-  sampler: str = "ancestral"  # One of sampling.STEPS.
+  num_steps: int  # N, the grid's points (sampling.num_evaluations gives the NFE).
+  sampler: str = "ancestral"  # One of sampling.SOLVERS.
   clip_x: str | bool = "static"  # none | static | dynamic.
   batch_size: int = 500  # Global examples per call (rounded up to the device count).
   cond_uncond_batched: bool = True  # Both branches in one call of 2N examples.
@@ -46,6 +46,17 @@ class Settings:
   logsnr_max: float = 20.0  # λ_T.
   dynamic_percentile: float = 0.995  # clip_x="dynamic"'s quantile.
   guidance_interval: tuple[float, float] | None = None  # Guide only for λ inside.
+  grid: str = "u"  # One of sampling.GRIDS.
+  lower_order_final: bool = True  # dpmpp_2m/unipc: first order last when N < 15.
+  s_churn: float = 0.0  # heun's churn (EDM's S_churn, S_tmin, S_tmax, S_noise).
+  s_tmin: float = 0.0
+  s_tmax: float = float("inf")
+  s_noise: float = 1.0
+
+  @property
+  def num_evaluations(self) -> int:
+    """Network evaluations per sample (calls on the 2N batch): the cost."""
+    return sampling.num_evaluations(self.sampler, self.num_steps)
 
   def replace(self, **changes) -> "Settings":
     return dataclasses.replace(self, **changes)
@@ -59,11 +70,14 @@ def settings_from_config(config, *, num_steps: int, batch_size: int | None = Non
   """
   _, fields = models.parse_config(config.model)
   s = config.sample
+  default = Settings(shape=(), null_label=0, num_steps=1)  # For fields an older run lacks.
+  newer = {k: s.get(k, getattr(default, k)) for k in (
+      "grid", "lower_order_final", "s_churn", "s_tmin", "s_tmax", "s_noise")}
   return Settings(shape=fields.example_shape(), null_label=fields.num_classes,
                   num_steps=int(num_steps), sampler=s.sampler, clip_x=s.clip_x,
                   batch_size=int(batch_size or s.batch_size), v=float(s.v),
                   eta=float(s.eta), logsnr_min=float(config.diffusion.logsnr_min),
-                  logsnr_max=float(config.diffusion.logsnr_max))
+                  logsnr_max=float(config.diffusion.logsnr_max), **newer)
 
 
 def root_key(seed: int, stream: int | None = None) -> np.ndarray:
@@ -83,7 +97,9 @@ def _sample_rows(eps_fn, root, indices, labels, weights, negative_labels,
   options = dict(eta=settings.eta, dynamic_percentile=settings.dynamic_percentile,
                  cond_uncond_batched=settings.cond_uncond_batched,
                  guidance_interval=settings.guidance_interval,
-                 negative_labels=negative_labels)
+                 negative_labels=negative_labels, grid=settings.grid,
+                 lower_order_final=settings.lower_order_final, s_churn=settings.s_churn,
+                 s_tmin=settings.s_tmin, s_tmax=settings.s_tmax, s_noise=settings.s_noise)
   x = sampling.sample(eps_fn, keys, labels, shape=settings.shape, guidance_weight=weights,
                       null_label=settings.null_label, num_steps=settings.num_steps,
                       sampler=settings.sampler, v=settings.v,

@@ -70,7 +70,7 @@ def test_the_same_example_is_the_same_image_from_every_job(run):
       return extractor(x)
 
     evaluation.extractor = recording
-    evaluation._sweep(model.eps_fn, W)
+    evaluation.weight_metrics(model.eps_fn, W)
     evaluation.close()
     by_job["sweep", n] = np.concatenate(seen)[:12]
   reference = by_job["load().sample", 1]

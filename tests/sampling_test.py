@@ -202,7 +202,8 @@ def test_threshold_x_matches_numpy():
 
 # ---- compilation ---------------------------------------------------------------------------
 
-def test_no_retrace_across_weights_labels_seeds_and_params():
+@pytest.mark.parametrize("sampler", list(sampling.SOLVERS))
+def test_no_retrace_across_weights_labels_seeds_and_params(sampler):
   traces = []
 
   def eps_fn(scale, z, logsnr, labels):
@@ -210,7 +211,9 @@ def test_no_retrace_across_weights_labels_seeds_and_params():
     return scale * toy2d.exact_eps(z, logsnr, labels)
 
   n = 12
-  call = functools.partial(sampling.sample, shape=(2,), null_label=C, num_steps=4)
+  # λ in [−6, 6]: four Heun steps over [−20, 20] diverge once eps_fn is rescaled below.
+  call = functools.partial(sampling.sample, shape=(2,), null_label=C, num_steps=4,
+                           sampler=sampler, logsnr_min=-6.0, logsnr_max=6.0)
   first = call(jax.tree_util.Partial(eps_fn, jnp.float32(1.0)), jax.random.key(0),
                per_class_labels(4), guidance_weight=1.0)
   count = len(traces)
@@ -220,10 +223,10 @@ def test_no_retrace_across_weights_labels_seeds_and_params():
     labels = rng.integers(0, C + 1, n).astype(np.int32)
     for w in (0.0, 2.5, rng.uniform(0, 4, n).astype(np.float32), list(range(n))):
       call(jax.tree_util.Partial(eps_fn, jnp.float32(0.9 + seed)), jax.random.key(seed),
-           labels, guidance_weight=w)
+           labels, guidance_weight=w, s_churn=float(seed))  # Traced, as v and eta.
   assert len(traces) == count
   # The bound parameter really reaches the computation.
-  again = call(jax.tree_util.Partial(eps_fn, jnp.float32(0.0)), jax.random.key(0),
+  again = call(jax.tree_util.Partial(eps_fn, jnp.float32(0.5)), jax.random.key(0),
                per_class_labels(4), guidance_weight=1.0)
   assert np.abs(np.asarray(again) - np.asarray(first)).max() > 0.1
 

@@ -128,6 +128,7 @@ def results_metadata(eval_config, settings, *, step: int, extractor, reference_p
   names = metrics.metric_names(extractor)
   meta = dict(
       step=step, num_samples=ev.num_samples, sampler=s.sampler, num_steps=s.num_steps,
+      grid=s.grid, num_evaluations=s.num_evaluations,
       v=s.v, eta=s.eta, clip_x=s.clip_x, seed=ev.seed,
       logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
       extractor=extractor.name, comparable=bool(extractor.comparable), metric_names=names,
@@ -197,9 +198,14 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
   for r in records:
     lines.append("| " + " | ".join([f"w = {r['w']:g}"] + [_cell(r, c) for c in columns])
                  + " |")
+  if metadata["sampler"] == "ancestral":
+    sampler = f"ancestral sampler, T = {metadata['num_steps']}, v = {metadata['v']:g}"
+  else:
+    sampler = (f"{metadata['sampler']} sampler, {metadata['num_steps']} steps "
+               f"({metadata.get('num_evaluations', metadata['num_steps'])} network "
+               f"evaluations, {metadata.get('grid', 'u')} grid)")
   caption = (f"Step {metadata['step']}: {metadata['num_samples']} samples per w, "
-             f"{metadata['sampler']} sampler, T = {metadata['num_steps']}, "
-             f"v = {metadata['v']:g}; features: {metadata['extractor']}")
+             f"{sampler}; features: {metadata['extractor']}")
   if not metadata["comparable"]:
     caption += " (a stand-in network: not comparable with published FID/IS"
     caption += "; sFID from its last convolution)" if "sfid" in records[0] else ")"

@@ -66,7 +66,7 @@ class Evaluation:
     records = []
     for w in self.config.eval.guidance_weights:
       start = time.time()
-      record = self._sweep(model.eps_fn, float(w))
+      record = self.weight_metrics(model.eps_fn, float(w))
       grid = self._grid(model.eps_fn, float(w))
       if self.is_chief:
         record["seconds"] = time.time() - start
@@ -79,8 +79,10 @@ class Evaluation:
     distributed.barrier(f"evaluate step {model.step}")  # Process 0 has written.
     return model.step, records
 
-  def _sweep(self, eps_fn, w: float) -> dict | None:
-    """eval.num_samples samples at weight w, streamed through the extractor."""
+  def weight_metrics(self, eps_fn, w: float, settings: generate.Settings | None = None
+                     ) -> dict | None:
+    """The metrics of eval.num_samples samples at weight w, streamed through the
+    extractor; None off process 0. `settings`: another sampler (default: the sweep's)."""
     ev, num_classes = self.config.eval, self.config.model.num_classes
     with_spatial = reference.spatial_dim(self.extractor) is not None  # sFID.
     stats = report.SweepStats(
@@ -88,8 +90,8 @@ class Evaluation:
         precision_recall=ev.precision_recall, with_spatial=with_spatial,
         with_accuracy=isinstance(self.extractor, classifier.ClassifierExtractor))
     labels = np.arange(ev.num_samples) % num_classes
-    for batch in generate.batches(eps_fn, labels, w, settings=self.settings, seed=ev.seed,
-                                  mesh=self.mesh):
+    for batch in generate.batches(eps_fn, labels, w, settings=settings or self.settings,
+                                  seed=ev.seed, mesh=self.mesh):
       x = images.to_uint8(batch.samples)
       outputs = self.extractor(x, spatial=True) if with_spatial else self.extractor(x)
       indices, valid, *outputs = distributed.gather(batch.indices, batch.valid, *outputs)
