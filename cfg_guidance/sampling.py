@@ -1,4 +1,4 @@
-"""Classifier-free guided sampling (Algorithm 2): guided ε, ancestral and DDIM steps, the loop.
+"""Classifier-free guided sampling: guided ε (Eq. 6), Algorithm 2 and the fast solvers, the loop.
 
 `eps_fn(z, logsnr, labels) -> eps` with `z: [M, *shape]`, `logsnr: [M]`, `labels: [M]`.
 Pass a `jax.tree_util.Partial` to bind arrays (e.g. model parameters): they cross the
@@ -280,7 +280,6 @@ SOLVERS = {
     "unipc": Solver(unipc_step, _multistep_history, 1, False),
     "heun": Solver(heun_step, _no_history, 2, True),
 }
-STEPS = {"ancestral": ancestral_step, "ddim": ddim_step}  # The one-evaluation updates.
 GRIDS = ("u", "logsnr")
 
 
