@@ -174,6 +174,14 @@ def _multistep_history(z):
   return _Multistep(jnp.zeros_like(z), zero, jnp.zeros_like(z), jnp.zeros_like(z), zero)
 
 
+def _two_step_estimate(x_pred, history, k, logsnr, logsnr_next, ctx):
+  """DPM-Solver++(2M)'s D = (1 + 1/(2r)) x̂_k − 1/(2r) x̂_{k−1}, r = h_{k−1}/h_k
+  (x̂_k itself at first order); UniPC's UniP-2 predictor is the same."""
+  r = (logsnr - history.logsnr_prev) / (logsnr_next - logsnr)
+  d = x_pred + (x_pred - history.x_prev) / (2.0 * jnp.where(k == 0, 1.0, r))
+  return jnp.where(_use_first_order(k, ctx), x_pred, d)
+
+
 def dpmpp_2m_step(denoise, z, history, k, logsnr, logsnr_next, noise, ctx):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): data prediction, multistep.
 
@@ -181,9 +189,7 @@ def dpmpp_2m_step(denoise, z, history, k, logsnr, logsnr_next, noise, ctx):
   """
   del noise
   x_pred, _ = denoise(z, logsnr)
-  r = (logsnr - history.logsnr_prev) / (logsnr_next - logsnr)
-  d = x_pred + (x_pred - history.x_prev) / (2.0 * jnp.where(k == 0, 1.0, r))
-  d = jnp.where(_use_first_order(k, ctx), x_pred, d)
+  d = _two_step_estimate(x_pred, history, k, logsnr, logsnr_next, ctx)
   z_next = _first_order(z, d, logsnr, logsnr_next)
   return z_next, history._replace(x_prev=x_pred, logsnr_prev=logsnr)
 
@@ -231,9 +237,7 @@ def unipc_step(denoise, z, history, k, logsnr, logsnr_next, noise, ctx):
                  - alpha * b_h * correction)
   z = jnp.where(k == 0, z, z_corrected)
   # Predictor: UniP-2 with ρ = 1/2, i.e. DPM-Solver++(2M).
-  r = (logsnr - history.logsnr_prev) / (logsnr_next - logsnr)
-  d = x_pred + (x_pred - history.x_prev) / (2.0 * jnp.where(k == 0, 1.0, r))
-  d = jnp.where(_use_first_order(k, ctx), x_pred, d)
+  d = _two_step_estimate(x_pred, history, k, logsnr, logsnr_next, ctx)
   z_next = _first_order(z, d, logsnr, logsnr_next)
   return z_next, _Multistep(x_prev=x_pred, logsnr_prev=logsnr, z_prev=z,
                             x_prev2=history.x_prev, logsnr_prev2=history.logsnr_prev)
