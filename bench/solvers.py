@@ -92,35 +92,37 @@ def run(workdir: str, *, num_samples: int, weights=WEIGHTS, budgets=BUDGETS,
   return records
 
 
-def table(records: list[dict]) -> str:
-  """Markdown: one row per (sampler, grid, NFE), FID per weight, and the ratio of the
-  worst weight's FID to the baseline's."""
+def rows(records: list[dict]) -> list[dict]:
+  """One row per (sampler, grid, NFE) in run order: FID per weight and `worst`, the
+  largest ratio of its FID to the baseline's over the weights."""
   base = {r["w"]: r["fid"] for r in records if (r["sampler"], r["grid"], r["num_steps"])
           == BASELINE}
-  weights = sorted(base)
-  rows = {}
+  grouped = {}
   for r in records:
-    rows.setdefault((_name(r), r["grid"], r["nfe"]), {})[r["w"]] = r["fid"]
+    grouped.setdefault((_name(r), r["grid"], r["nfe"]), {})[r["w"]] = r["fid"]
+  return [dict(sampler=sampler, grid=grid, nfe=nfe, fids=fids,
+               worst=max(fids[w] / base[w] for w in base))
+          for (sampler, grid, nfe), fids in grouped.items()]
+
+
+def table(records: list[dict]) -> str:
+  """Markdown: `rows`, FID per weight and the worst ratio to ancestral."""
+  weights = sorted({r["w"] for r in records})
   lines = ["| sampler | grid | NFE | " + " | ".join(f"FID w={w:g}" for w in weights)
            + " | worst FID / ancestral |",
            "|:--|:--|--:|" + "--:|" * len(weights) + "--:|"]
-  for (sampler, grid, nfe), fids in rows.items():
-    worst = max(fids[w] / base[w] for w in weights)
-    lines.append(f"| {sampler} | {grid} | {nfe} | "
-                 + " | ".join(f"{fids[w]:.3f}" for w in weights) + f" | {worst:.3f} |")
+  for row in rows(records):
+    lines.append(f"| {row['sampler']} | {row['grid']} | {row['nfe']} | "
+                 + " | ".join(f"{row['fids'][w]:.3f}" for w in weights)
+                 + f" | {row['worst']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
-def best_within(records: list[dict], max_nfe: int) -> dict:
-  """The fast configuration (NFE <= max_nfe) whose worst FID ratio to ancestral is least."""
-  t = [line for line in table(records).splitlines()[3:]]
-  best = None
-  for line in t:
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    nfe, ratio = int(cells[2]), float(cells[-1])
-    if nfe <= max_nfe and (best is None or ratio < best["ratio"]):
-      best = dict(sampler=cells[0], grid=cells[1], nfe=nfe, ratio=ratio)
-  return best
+def best_within(records: list[dict], max_nfe: int) -> dict | None:
+  """The row with NFE <= max_nfe (baseline excluded) whose worst ratio is least."""
+  fast = [row for row in rows(records)
+          if row["nfe"] <= max_nfe and row["sampler"] != BASELINE[0]]
+  return min(fast, key=lambda row: row["worst"], default=None)
 
 
 def plot(records: list[dict]) -> bytes:

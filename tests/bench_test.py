@@ -1,6 +1,7 @@
 """The benchmark command runs end to end at a tiny size and its numbers hang together."""
 
 import importlib
+import json
 import math
 
 import pytest
@@ -219,3 +220,40 @@ def test_models_bench_counts_a_train_step_as_about_three_forwards():
   forward, step = got["forward"], got["train_step"]
   assert 2.5 < step["gflop_per_image"] / forward["gflop_per_image"] < 3.5, got
   assert math.isclose(step["images_per_s"], got["batch_size"] / step["wall_s"])
+
+
+def test_solver_bench_rows_rank_by_the_worst_weights_ratio_to_ancestral(tmp_path):
+  from bench import solvers  # pylint: disable=g-import-not-at-top
+
+  def rec(sampler, grid, num_steps, w, fid, logsnr_range=None):
+    per = 2 if sampler == "heun" else 1
+    return dict(sampler=sampler, grid=grid, num_steps=num_steps, w=w, fid=fid,
+                nfe=per * num_steps - (per - 1), logsnr_range=logsnr_range)
+
+  records = [rec("ancestral", "u", 256, 0.0, 2.0), rec("ancestral", "u", 256, 4.0, 10.0),
+             # ratios 1.1 and 1.02: worst 1.1
+             rec("unipc", "logsnr", 16, 0.0, 2.2), rec("unipc", "logsnr", 16, 4.0, 10.2),
+             # ratios 1.05 and 1.05: worst 1.05, the best at <= 25
+             rec("dpmpp_2m", "u", 25, 0.0, 2.1), rec("dpmpp_2m", "u", 25, 4.0, 10.5),
+             # better still, but 50 evaluations
+             rec("ddim", "u", 50, 0.0, 2.0), rec("ddim", "u", 50, 4.0, 10.0),
+             rec("heun", "logsnr", 8, 0.0, 3.0, [-8.76, 12.43]),
+             rec("heun", "logsnr", 8, 4.0, 30.0, [-8.76, 12.43])]
+  rows = {(r["sampler"], r["nfe"]): r["worst"] for r in solvers.rows(records)}
+  assert rows[("unipc", 16)] == pytest.approx(1.1)
+  assert rows[("dpmpp_2m", 25)] == pytest.approx(1.05)
+  assert rows[("heun (EDM's λ range)", 15)] == pytest.approx(3.0)
+  best = solvers.best_within(records, 25)
+  assert (best["sampler"], best["grid"], best["nfe"]) == ("dpmpp_2m", "u", 25)
+  assert solvers.best_within(records, 50)["sampler"] == "ddim"
+  assert solvers.best_within(records, 4) is None
+  lines = solvers.table(records).splitlines()
+  assert lines[0].count("FID w=") == 2 and len(lines) == 2 + 5
+  assert lines[3] == "| unipc | logsnr | 16 | 2.200 | 10.200 | 1.100 |"
+
+  # The budgets map to grid points by each solver's evaluations per step.
+  assert [solvers.steps_for("heun", b) for b in (8, 16, 25, 50)] == [4, 8, 13, 25]
+  assert [solvers.steps_for("unipc", b) for b in (8, 16, 25, 50)] == [8, 16, 25, 50]
+  solvers.write(tmp_path, records, step=1)
+  assert json.loads((tmp_path / "results.json").read_text())["records"] == records
+  assert (tmp_path / "fid_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
