@@ -2,6 +2,9 @@
 
   python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits \
       [--mode=train|sample|evaluate] [--config.train.num_steps=100 ...]
+
+or, installed, `cfg-guidance --config=... --workdir=...`. Orbax's and grain's INFO lines
+show with --verbosity=1.
 """
 
 import re
@@ -67,9 +70,34 @@ def _parse_flags(argv):
   return app.parse_flags_with_usage(argv)
 
 
+# Libraries whose INFO lines (Orbax's are ~40% of a digits run's log) are shown only with
+# --verbosity=1 or more.
+QUIET_LIBRARIES = ("orbax", "grain", "tensorflow_datasets")
+
+
+class _LibraryFilter:
+  """Drops records below WARNING logged from QUIET_LIBRARIES' files."""
+
+  def __init__(self, libraries=QUIET_LIBRARIES):
+    self._parts = tuple(f"/{name}/" for name in libraries)
+
+  def filter(self, record) -> bool:
+    if record.levelno >= logging.converter.STANDARD_WARNING:
+      return True
+    path = record.pathname.replace("\\", "/")
+    return not any(part in path for part in self._parts)
+
+
+def quiet_libraries(verbosity: int) -> None:
+  """At the default verbosity (0), other libraries log warnings and errors only."""
+  if verbosity <= 0:
+    logging.get_absl_handler().addFilter(_LibraryFilter())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_libraries(FLAGS.verbosity)
   config = FLAGS.config
   # TensorFlow serves data, summaries (CLU) and Inception here: keep it off the
   # accelerators so it does not claim their memory.
@@ -103,5 +131,10 @@ def main(argv):
     sweep.run(config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def run_main():
+  """The `cfg-guidance` console script: the same flags as `python -m cfg_guidance.main`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run_main()

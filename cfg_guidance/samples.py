@@ -42,8 +42,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[epat
     if jax.process_index() != 0:
       continue
     path = out_dir / f"step_{model.step}_w{w:g}.npz"
-    files.save_npz(path, images=images.to_uint8(x), labels=labels,
+    pixels = images.to_uint8(x)
+    files.save_npz(path, images=pixels, labels=labels,
                    guidance_weight=np.full(len(labels), w, np.float32))
+    # ADM's evaluator (guided-diffusion/evaluations) reads np.load(f)["arr_0"], uint8 NHWC.
+    files.save_npz(out_dir / "adm" / path.name, arr_0=pixels, arr_1=labels)
     images.save_png(path.with_suffix(".png"), images.render(x[:100], num_cols))
     logging.info("Wrote %s (%d samples, w=%g).", path, len(labels), w)
     written.append(path)

@@ -232,7 +232,9 @@ def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   k, num_steps = config.train.steps_per_dispatch, config.train.num_steps
   step = int(state.step)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+  # Progress and ETA to the log only: the loop writes steps_per_sec itself, once per
+  # logging step (with a writer, CLU would write a second, differently timed one).
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=None,
                                            every_steps=config.train.log_every)
   history = []
   t_log, step_log = time.time(), step

@@ -36,11 +36,25 @@ def test_cli_trains_then_samples(tmp_path):
   proc = run_main(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "checkpoints" / "8").is_dir()
+  # Orbax's INFO lines ("[process=0][thread=...]") only with --verbosity=1; its saves
+  # happened (the checkpoint above).
+  lines = proc.stderr.splitlines()
+  assert not [l for l in lines if l.startswith("I") and "[process=0]" in l]
+  assert [l for l in lines if "ETA" in l]
+  # One steps_per_sec per logging step (4 and 8), read back with TensorBoard's reader.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path)).Reload()
+  assert [e.step for e in events.Tensors("steps_per_sec")] == [4, 8]
   proc = run_main(tmp_path, "--mode=sample")
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(tmp_path / "samples" / "step_8_w3.npz", allow_pickle=False) as f:
     assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
     np.testing.assert_array_equal(f["labels"], [0, 1, 2, 3])
+    images = f["images"]
+  # ADM's evaluator's layout, read the way evaluator.py reads a sample batch.
+  adm = np.load(str(tmp_path / "samples" / "adm" / "step_8_w3.npz"))
+  np.testing.assert_array_equal(adm["arr_0"], images)
+  np.testing.assert_array_equal(adm["arr_1"], [0, 1, 2, 3])
 
 
 def test_cli_rejects_bad_config_naming_field(tmp_path):
