@@ -9,8 +9,10 @@ batch, device count or process count it is drawn with, and whichever job draws i
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
@@ -138,8 +140,8 @@ def _check_range(name: str, labels: np.ndarray, null_label: int) -> None:
 
 def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
             settings: Settings, seed: int, indices: Sequence[int] | None = None,
-            stream: int | None = None, negative_labels=None, mesh=None
-            ) -> Iterator[Batch]:
+            stream: int | None = None, negative_labels=None, mesh=None,
+            progress: str | None = None) -> Iterator[Batch]:
   """Samples `labels` at `guidance_weight`, one global batch at a time.
 
   Every process passes the same arguments and gets its own rows of each batch; the next
@@ -158,6 +160,8 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
       independent set of samples for the same indices.
     negative_labels: the negative branch's labels, scalar or [N] (default ∅).
     mesh: default: every device of every process on one `data` axis.
+    progress: if given, process 0 logs a line per batch naming it, with the samples done,
+      their rate and the time left.
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -198,6 +202,7 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
                      batch.get("negative"), settings, out_sharding=out_sharding)
     return picked[rows], x, valid[rows]
 
+  report = _Progress(progress, n) if progress and jax.process_index() == 0 else None
   pending = launch(0)
   for following in list(range(size, n, size)) + [None]:
     position, x, valid = pending
@@ -212,7 +217,30 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
           f"(labels {np.unique(labels[bad]).tolist()}, guidance weights "
           f"{np.unique(weights[bad]).tolist()}): the network's ε is not finite there. "
           "Nothing was written for them.")
+    if report:
+      report(min(n, (following or n)))
     yield Batch(indices[position], samples, valid)
+
+
+class _Progress:
+  """Logs `what: done/total samples (p%), rate, ETA` for each finished batch."""
+
+  def __init__(self, what: str, total: int):
+    self.what, self.total, self.start = what, total, time.monotonic()
+
+  def __call__(self, done: int) -> None:
+    elapsed = time.monotonic() - self.start
+    rate = done / max(elapsed, 1e-9)
+    left = (self.total - done) / rate
+    logging.info("%s: %d/%d samples (%.0f%%), %.1f samples/s, ETA %s", self.what, done,
+                 self.total, 100 * done / self.total, rate, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def draw(eps_fn: Callable, labels: Sequence[int], guidance_weight, **kwargs

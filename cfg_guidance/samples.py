@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[epat
   written = []
   for w in s.guidance_weights:
     x = generate.draw(model.eps_fn, labels, w, settings=settings, seed=s.seed,
-                      mesh=model.mesh)
+                      mesh=model.mesh, progress=f"sampling w={w:g}")
     if jax.process_index() != 0:
       continue
     path = out_dir / f"step_{model.step}_w{w:g}.npz"

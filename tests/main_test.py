@@ -20,7 +20,7 @@ TINY = [
     "--config.train.sample_every=0", "--config.train.sample_at_end=False",
     "--config.train.evaluate_at_end=False",
     "--config.sample.num_samples=4", "--config.sample.num_steps=4",
-    "--config.sample.guidance_weights=(0.0,3.0)", "--config.sample.batch_size=4",
+    "--config.sample.guidance_weights=(0.0,3.0)", "--config.sample.batch_size=2",
 ]
 
 
@@ -47,6 +47,10 @@ def test_cli_trains_then_samples(tmp_path):
   assert [e.step for e in events.Tensors("steps_per_sec")] == [4, 8]
   proc = run_main(tmp_path, "--mode=sample")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # A progress line per batch of 2: 2/4, then 4/4 samples, for each weight.
+  progress = [l.split("] ", 1)[1] for l in proc.stderr.splitlines() if "ETA" in l]
+  assert [p.split(",")[0] for p in progress] == [
+      f"sampling w={w}: {k}/4 samples ({25 * k}%)" for w in (0, 3) for k in (2, 4)]
   with np.load(tmp_path / "samples" / "step_8_w3.npz", allow_pickle=False) as f:
     assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
     np.testing.assert_array_equal(f["labels"], [0, 1, 2, 3])

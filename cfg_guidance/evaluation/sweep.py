@@ -91,7 +91,8 @@ class Evaluation:
         with_accuracy=isinstance(self.extractor, classifier.ClassifierExtractor))
     labels = np.arange(ev.num_samples) % num_classes
     for batch in generate.batches(eps_fn, labels, w, settings=settings or self.settings,
-                                  seed=ev.seed, mesh=self.mesh):
+                                  seed=ev.seed, mesh=self.mesh,
+                                  progress=f"evaluating w={w:g}"):
       x = images.to_uint8(batch.samples)
       outputs = self.extractor(x, spatial=True) if with_spatial else self.extractor(x)
       indices, valid, *outputs = distributed.gather(batch.indices, batch.valid, *outputs)
