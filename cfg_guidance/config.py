@@ -117,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   ev.extractor = "inception"  # inception | classifier (a stand-in trained on the data)
   ev.inception_path = FieldReference(None, field_type=str)  # classify_image_graph_def.pb
   ev.reference_stats = FieldReference(None, field_type=str)  # Reference npz (mu, sigma).
+  # Results, metrics and caches; None: WORKDIR/eval. Set it to evaluate a read-only run.
+  ev.output_dir = FieldReference(None, field_type=str)
   ev.precision_recall = False  # Also compute k-NN precision/recall (keeps features).
   ev.classifier_steps = 2000  # Training steps of the stand-in classifier.
   ev.watch = False  # Keep evaluating each new checkpoint as it appears.

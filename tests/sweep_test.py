@@ -203,6 +203,33 @@ def test_evaluating_again_overwrites_with_the_same_numbers(evaluated):
   assert "FID (digits-cnn)" in (workdir / "eval" / "20" / "results.md").read_text()
 
 
+def _tree(root):
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(root.rglob("*"))}
+
+
+def test_a_run_is_evaluated_into_another_directory_leaving_it_untouched(evaluated, tmp_path):
+  config, source, records = evaluated
+  run = tmp_path / "run"  # Checkpoints and classifier only: as a read-only bucket holds.
+  shutil.copytree(source / "checkpoints", run / "checkpoints")
+  shutil.copytree(source / "classifier", run / "classifier")
+  before = _tree(run)
+  out = tmp_path / "elsewhere" / "eval"
+  got = sweep.run(eval_config(output_dir=str(out), step=20), str(run))
+  assert _tree(run) == before  # Nothing written, created or touched in the run.
+  saved = json.loads((out / "20" / "results.json").read_text())["records"]
+  assert (out / "reference_digits_digits-cnn.npz").is_file()
+  for g, s, want in zip(got, saved, records, strict=True):  # Same checkpoint, same seed.
+    for key in ("fid", "is", "precision", "accuracy"):
+      np.testing.assert_allclose((g[key], s[key]), want[key], rtol=1e-9, err_msg=key)
+
+  # A destination that cannot be written fails before any sampling, naming the field.
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match="config.eval.output_dir"):
+    sweep.Evaluation(eval_config(output_dir=str(blocker / "eval")), str(run))
+
+
 def test_watch_evaluates_a_checkpoint_that_appears_later(evaluated, tmp_path):
   config, source, records = evaluated
   workdir = tmp_path / "watched"

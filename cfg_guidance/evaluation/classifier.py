@@ -163,19 +163,20 @@ def resolve_checkpoint_dir(workdir_or_path):
   yet; otherwise it is an existing workdir and the checkpoint is its `classifier/`.
   """
   path = os.fspath(workdir_or_path)
-  if _is_checkpoint(path) or not os.path.exists(path):
+  if is_checkpoint(path) or not os.path.exists(path):
     return path
   return os.path.join(path, CHECKPOINT_SUBDIR)
 
 
-def _is_checkpoint(path):
+def is_checkpoint(path) -> bool:
+  """Whether `path` holds a classifier saved by `train_classifier`."""
   return os.path.isfile(os.path.join(path, _METADATA_FILE))
 
 
 def restore_classifier(checkpoint_dir, *, batch_size=256):
   """Loads a classifier saved by `train_classifier` into an extractor."""
   checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
-  if not _is_checkpoint(checkpoint_dir):
+  if not is_checkpoint(checkpoint_dir):
     raise FileNotFoundError(f"No stand-in classifier checkpoint at {checkpoint_dir!r} "
                             f"(expected {_METADATA_FILE} there).")
   with open(os.path.join(checkpoint_dir, _METADATA_FILE)) as f:
@@ -258,7 +259,7 @@ def train_classifier(images, labels, *, num_classes, workdir_or_path, seed=0, st
   """
   checkpoint_dir = os.path.abspath(resolve_checkpoint_dir(workdir_or_path))
   images, labels = _check_data(images, labels, num_classes)
-  if _is_checkpoint(checkpoint_dir):
+  if is_checkpoint(checkpoint_dir):
     extractor = restore_classifier(checkpoint_dir)
     found = (extractor.meta["num_classes"], extractor.image_shape)
     if found != (num_classes, images.shape[1:]):

@@ -21,6 +21,7 @@ at the extracted .pb file (or the folder holding it). TensorFlow is imported laz
 
 import os
 
+from etils import epath
 import numpy as np
 
 INCEPTION_URL = ("http://download.tensorflow.org/models/image/imagenet/"
@@ -42,10 +43,11 @@ def resolve_graph_path(path):
     raise ValueError(
         "eval.inception_path is empty. Set it to classify_image_graph_def.pb from "
         f"{INCEPTION_URL} (download and extract it yourself; nothing is fetched).")
+  path = epath.Path(path)  # Local, gs:// or any other epath scheme.
+  if path.is_dir():
+    path = path / GRAPH_FILENAME
   path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, GRAPH_FILENAME)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(
         f"No Inception graph at eval.inception_path={path!r}. It is "
         f"{GRAPH_FILENAME} inside the public tarball {INCEPTION_URL}; download and "
@@ -57,7 +59,7 @@ def resolve_graph_path(path):
 def _load_graph_def(path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   graph_def = tf.compat.v1.GraphDef()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     try:
       graph_def.ParseFromString(f.read())
     except Exception as e:  # protobuf's DecodeError has no stable public import path

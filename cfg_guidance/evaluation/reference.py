@@ -53,14 +53,21 @@ def _training_arrays(data_config) -> tuple[np.ndarray, np.ndarray]:
           np.concatenate([b["label"] for b in batches]))
 
 
-def make_extractor(eval_config, data_config, workdir, *, num_classes: int, seed: int):
+def make_extractor(eval_config, data_config, workdir, *, num_classes: int, seed: int,
+                   eval_dir=None):
   """Inception-v3 from eval.inception_path, or the stand-in CNN in WORKDIR/classifier/
-  (trained on the data's training split if it is not there yet)."""
+  (trained on the data's training split if it is not there yet: into
+  EVAL_DIR/classifier/ when an eval directory other than WORKDIR/eval is given, so that a
+  read-only run can be evaluated)."""
   ev = eval_config
   if ev.extractor == "inception":
     return inception.InceptionExtractor(ev.inception_path)
   checkpoint_dir = classifier.resolve_checkpoint_dir(epath.Path(workdir)
                                                      / classifier.CHECKPOINT_SUBDIR)
+  if (eval_dir is not None and epath.Path(eval_dir) != epath.Path(workdir) / "eval"
+      and not classifier.is_checkpoint(checkpoint_dir)):
+    checkpoint_dir = classifier.resolve_checkpoint_dir(epath.Path(eval_dir)
+                                                       / classifier.CHECKPOINT_SUBDIR)
   if jax.process_count() > 1:
     # Orbax saves with a barrier over every process, so one process cannot train it here.
     try:
@@ -79,11 +86,11 @@ def make_extractor(eval_config, data_config, workdir, *, num_classes: int, seed:
   return extractor
 
 
-def reference_path(eval_config, data_config, workdir, extractor) -> epath.Path:
+def reference_path(eval_config, data_config, eval_dir, extractor) -> epath.Path:
+  """eval.reference_stats, else EVAL_DIR/reference_<data>_<extractor>.npz."""
   if eval_config.reference_stats:
     return epath.Path(eval_config.reference_stats)
-  return (epath.Path(workdir) / "eval"
-          / f"reference_{data_config.name}_{extractor.name}.npz")
+  return epath.Path(eval_dir) / f"reference_{data_config.name}_{extractor.name}.npz"
 
 
 def spatial_dim(extractor) -> int | None:
@@ -196,7 +203,7 @@ def _plan(ev, path: epath.Path, extractor) -> tuple[int, dict | None, str]:
   return action, arrays, ""
 
 
-def reference_statistics(eval_config, data_config, workdir, extractor, *,
+def reference_statistics(eval_config, data_config, eval_dir, extractor, *,
                          image_shape) -> Reference:
   """The training split's Reference, from `reference_path` or computed and saved there.
 
@@ -208,7 +215,7 @@ def reference_statistics(eval_config, data_config, workdir, extractor, *,
   arr_0) is used as ADM's evaluator uses it: its images are the real set.
   """
   ev = eval_config
-  path = reference_path(ev, data_config, workdir, extractor)
+  path = reference_path(ev, data_config, eval_dir, extractor)
   is_chief = jax.process_index() == 0
   action, arrays, error = _plan(ev, path, extractor) if is_chief else (0, None, "")
   action = distributed.chief_value(action)

@@ -8,6 +8,7 @@ which writes WORKDIR/eval/<step>/ (the files are made in report.py).
 """
 
 import logging
+import os
 import time
 
 from etils import epath
@@ -32,6 +33,28 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     inception.resolve_graph_path(config.eval.inception_path)  # Names the field.
 
 
+def output_dir(config: ml_collections.ConfigDict, workdir) -> epath.Path:
+  """Where the evaluation writes: config.eval.output_dir, else WORKDIR/eval."""
+  return epath.Path(config.eval.output_dir or epath.Path(workdir) / "eval")
+
+
+def check_writable(path: epath.Path, name: str) -> None:
+  """Creates `path` and writes and deletes a probe file there (process 0), so that a
+  read-only destination fails before any sampling; the error names `name`."""
+  error = ""
+  if jax.process_index() == 0:
+    probe = path / f".write_probe_{os.getpid()}"
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+      probe.write_text("")
+      probe.unlink()
+    except OSError as e:
+      error = str(e) or type(e).__name__
+  if not distributed.chief_says(not error):  # Every process raises, none waits.
+    raise PermissionError(f"{name}: cannot write evaluation results to {path} "
+                          f"({error or 'see process 0'}).")
+
+
 class Evaluation:
   """What every checkpoint's sweep shares: mesh, extractor, reference, sampler, writer."""
 
@@ -45,15 +68,18 @@ class Evaluation:
     # Made by every process (Orbax synchronises them); listing steps later is local.
     self.checkpoints = checkpointing.Checkpointer(self.workdir, create=False)
     ev = config.eval
+    self.out = output_dir(config, workdir)
+    check_writable(self.out, "config.eval.output_dir" if ev.output_dir else
+                   "--workdir (or set config.eval.output_dir to write elsewhere)")
     self.extractor = reference.make_extractor(ev, config.data, workdir,
                                               num_classes=config.model.num_classes,
-                                              seed=config.seed)
+                                              seed=config.seed, eval_dir=self.out)
     self.reference = reference.reference_statistics(
-        ev, config.data, workdir, self.extractor, image_shape=self.settings.shape)
+        ev, config.data, self.out, self.extractor, image_shape=self.settings.shape)
     # clu imports TensorFlow (~5 s): only a running evaluation needs it.
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.writer = metric_writers.create_default_writer(
-        self.workdir / "eval", just_logging=not self.is_chief)
+        self.out, just_logging=not self.is_chief)
 
   def evaluate(self, step: int | None = None) -> tuple[int, list[dict]]:
     """Sweeps eval.guidance_weights on checkpoint `step` (None: the latest).
@@ -62,7 +88,7 @@ class Evaluation:
     """
     model = api.load(self.workdir, step, mesh=self.mesh)
     config_lib.check_same_model(self.config, model.config, str(model.path))
-    out_dir = self.workdir / "eval" / str(model.step)
+    out_dir = self.out / str(model.step)
     records = []
     for w in self.config.eval.guidance_weights:
       start = time.time()
@@ -163,7 +189,7 @@ def _next_action(evaluation: Evaluation, final_step: int, skipped: set, idle_sin
                  timeout: float) -> int:
   """The oldest checkpoint without results, else _STOP (final done, or idle) or _WAIT."""
   steps = evaluation.checkpoints.all_steps()
-  done = lambda s: (evaluation.workdir / "eval" / str(s) / "results.json").exists()
+  done = lambda s: (evaluation.out / str(s) / "results.json").exists()
   pending = [s for s in steps if s not in skipped and not done(s)]
   if pending:
     return pending[0]
