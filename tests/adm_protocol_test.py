@@ -194,10 +194,10 @@ def test_real_subset_of_a_sorted_folder_is_random_recorded_and_process_invariant
   folder = tmp_path / "folder"
   _write_folder(folder)
   ev, data = _configs(folder)
-  workdir = tmp_path / "work"
+  workdir = tmp_path / "work" / "eval"  # The evaluation directory.
   extractor = MeanColourExtractor()
   ref = reference.reference_statistics(ev, data, workdir, extractor, image_shape=(8, 8, 3))
-  path = workdir / "eval" / "reference_image_folder_mean-colour.npz"
+  path = workdir / "reference_image_folder_mean-colour.npz"
   assert ref.path == path and path.exists()
 
   # Storage order is class order, so the first 80 would be classes 0 and 1 only.
