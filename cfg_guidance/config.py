@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cfg_guidance import models, sampling
+from cfg_guidance import files, models, sampling
 from cfg_guidance.data import pipeline
 from cfg_guidance.models import eps, presets
 
@@ -332,13 +332,8 @@ def check_workdir(workdir: str) -> None:
   """The workdir exists or can be made, a file can be written in it, and its
   `checkpoints` is a directory (or absent)."""
   path = epath.Path(workdir)
-  probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not writable: {e}") from e
+  error = files.unwritable(path)
+  _require(not error, f"--workdir={workdir} is not writable: {error}")
   checkpoints = path / "checkpoints"
   _require(not checkpoints.exists() or checkpoints.is_dir(),
            f"{checkpoints} is not a directory: checkpoints cannot be written there. Move "

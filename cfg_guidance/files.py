@@ -38,3 +38,17 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Every array of an .npz file (no pickled objects)."""
   with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
+
+
+def unwritable(path: str | os.PathLike) -> str:
+  """"" if `path` exists or can be made and a file can be written in it (a probe, then
+  deleted); else the error's text."""
+  path = epath.Path(path)
+  probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    return str(e) or type(e).__name__
+  return ""

@@ -8,7 +8,6 @@ which writes WORKDIR/eval/<step>/ (the files are made in report.py).
 """
 
 import logging
-import os
 import time
 
 from etils import epath
@@ -16,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cfg_guidance import api, generate, images
+from cfg_guidance import api, files, generate, images
 from cfg_guidance import config as config_lib
 from cfg_guidance.evaluation import classifier, inception, metrics, reference, report
 from cfg_guidance.runtime import checkpointing, distributed, sharding
@@ -41,15 +40,7 @@ def output_dir(config: ml_collections.ConfigDict, workdir) -> epath.Path:
 def check_writable(path: epath.Path, name: str) -> None:
   """Creates `path` and writes and deletes a probe file there (process 0), so that a
   read-only destination fails before any sampling; the error names `name`."""
-  error = ""
-  if jax.process_index() == 0:
-    probe = path / f".write_probe_{os.getpid()}"
-    try:
-      path.mkdir(parents=True, exist_ok=True)
-      probe.write_text("")
-      probe.unlink()
-    except OSError as e:
-      error = str(e) or type(e).__name__
+  error = files.unwritable(path) if jax.process_index() == 0 else ""
   if not distributed.chief_says(not error):  # Every process raises, none waits.
     raise PermissionError(f"{name}: cannot write evaluation results to {path} "
                           f"({error or 'see process 0'}).")
