@@ -1,10 +1,20 @@
-"""The Colab demo notebook runs top to bottom in quick mode, with its figures and sweep."""
+"""The Colab demo notebook runs top to bottom in quick mode, with its figures and sweep.
 
+Its install cell's choices (what to install, which JAX extra) are tested on their own,
+without pip or the network.
+"""
+
+import ast
 import base64
 import io
 import json
 import pathlib
+import re
+import tomllib
+import types
 
+from IPython.core.inputtransformer2 import TransformerManager
+import jax
 import nbclient
 import nbformat
 import numpy as np
@@ -24,6 +34,7 @@ def executed(tmp_path_factory):
   with pytest.MonkeyPatch.context() as env:  # The kernel inherits this environment.
     env.setenv("CFG_DEMO_QUICK", "1")
     env.setenv("CFG_DEMO_WORKDIR", str(workdir))
+    env.delenv("CFG_DEMO_REPO", raising=False)  # "Run all" as it is, REPO unedited.
     nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(REPO)}}).execute()
   return nb, workdir
@@ -103,3 +114,95 @@ def test_guidance_makes_samples_more_classifiable(executed):
   by_w = {r["w"]: r for r in _results(workdir)["records"]}
   assert by_w[4.0]["accuracy"] > by_w[0.0]["accuracy"] + 0.2
   assert by_w[4.0]["is"] > by_w[0.0]["is"] + 0.5
+
+
+def _install_definitions():
+  """The install cell's imports, constants and functions, without its install actions."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  source = TransformerManager().transform_cell(_cell(nb, "install").source)  # ! and %pip.
+  keep = [node for node in ast.parse(source).body
+          if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+          or isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)]
+  namespace = {}
+  exec(compile(ast.Module(keep, type_ignores=[]), str(NOTEBOOK), "exec"), namespace)
+  return types.SimpleNamespace(**namespace)
+
+
+def _not_installed(name):
+  del name
+  return None
+
+
+def _write_pyproject(folder, name):
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+
+
+def test_saved_notebook_is_valid_and_cleared():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [(c.outputs, c.execution_count) for c in code] == [([], None)] * len(code)
+
+
+def test_badge_opens_this_notebook_of_the_repo_url():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  (link,) = re.findall(r"\]\((https://colab\.research\.google\.com/github/[^)]*)\)",
+                       nb.cells[0].source)
+  owner, name, branch, path = re.fullmatch(
+      r"https://colab\.research\.google\.com/github/([^/]+)/([^/]+)/blob/([^/]+)/(.+)",
+      link).groups()
+  assert path == NOTEBOOK.relative_to(REPO).as_posix()
+  assert branch == "main"
+  # The badge and the install cell's placeholder name the same repository.
+  assert _install_definitions().REPO_URL == f"https://github.com/{owner}/{name}.git"
+
+
+def test_install_nothing_when_cfg_guidance_imports(tmp_path):
+  nb = _install_definitions()
+  _write_pyproject(tmp_path, "cfg_guidance")
+  for repo in (nb.REPO_URL, "", str(tmp_path)):
+    assert nb.install_source(lambda name: object(), tmp_path, repo) is None
+
+
+def test_install_the_checkout_around_the_notebook(tmp_path):
+  nb = _install_definitions()
+  _write_pyproject(tmp_path / "checkout", "cfg-guidance")
+  _write_pyproject(tmp_path / "checkout" / "vendored", "other_project")  # Walked past.
+  cwd = tmp_path / "checkout" / "vendored" / "notebooks"
+  cwd.mkdir()
+  assert (nb.install_source(_not_installed, cwd, nb.REPO_URL)
+          == str((tmp_path / "checkout").resolve()))
+  # This repository, from the notebook's own folder (where Jupyter starts its kernel).
+  assert nb.find_checkout(NOTEBOOK.parent) == str(REPO)
+  assert nb.find_checkout(tmp_path) is None
+
+
+def test_install_outside_a_checkout_needs_an_edited_repo(tmp_path):
+  nb = _install_definitions()
+  _write_pyproject(tmp_path, "other_project")
+  for placeholder in (nb.REPO_URL, ""):
+    with pytest.raises(RuntimeError, match="REPO_URL in the install cell"):
+      nb.install_source(_not_installed, tmp_path, placeholder)
+  url = "https://github.com/someone/cfg_guidance.git"
+  assert nb.install_source(_not_installed, tmp_path, url) == url
+  archive = "/content/cfg_guidance.zip"
+  assert nb.install_source(_not_installed, tmp_path, archive) == archive
+
+
+def test_install_extra_matches_the_runtime_backend():
+  nb = _install_definitions()
+  extras = {backend: nb.jax_extra(backend) for backend in ("gpu", "tpu", "cpu", None)}
+  assert extras == {"gpu": "cuda12", "tpu": "tpu", "cpu": None, None: None}
+  # Each extra is the package's own, installing jax's extra of the same name.
+  optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]
+  for extra in ("cuda12", "tpu"):
+    assert [d.split(">")[0] for d in optional[extra]] == [f"jax[{extra}]"]
+
+
+def test_runtime_backend_is_asked_in_a_subprocess(monkeypatch):
+  nb = _install_definitions()
+  assert nb.runtime_jax_backend() == jax.default_backend()
+  monkeypatch.setenv("JAX_PLATFORMS", "no_such_platform")  # jax imports, no backend starts.
+  assert nb.runtime_jax_backend() is None
