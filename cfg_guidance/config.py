@@ -17,13 +17,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from cfg_guidance import files, models, sampling
+from cfg_guidance import files, guidance, models, sampling
 from cfg_guidance.data import pipeline
 from cfg_guidance.models import eps, presets
 
 SAMPLERS = tuple(sampling.SOLVERS)
 GRIDS = sampling.GRIDS
 CLIP_MODES = ("none", "static", "dynamic")
+# Rules whose networks the config names (autoguidance's and classifier guidance's second
+# network is passed to generate.batches by code).
+GUIDANCE_RULES = tuple(k for k, r in guidance.RULES.items()
+                       if r.negative != "model" and not r.classifier)
 EXTRACTORS = ("inception", "classifier")
 FieldReference = ml_collections.FieldReference
 
@@ -96,6 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
   sample.s_tmax = float("inf")
   sample.s_noise = 1.0  # heun: EDM's S_noise, the churn noise's scale.
   sample.clip_x = "static"  # none | static (x̃ to [-1, 1], as DDPM samples) | dynamic
+  # The guidance rule (cfg_guidance.guidance) and its parameters, sample.<rule>_<name>.
+  sample.guidance = "cfg"  # cfg (Eq. 6) | cfg_rescale (Lin et al. 2023) | apg (Sadat et al.)
+  sample.cfg_rescale_phi = 0.7  # cfg_rescale: φ, the share of the std-rescaled x̂ (0: cfg).
+  sample.apg_eta = 0.0  # apg: η, the weight of the update parallel to x̂(z, c) (1: cfg).
+  sample.apg_threshold = float("inf")  # apg: r, the cap on the update's norm (inf: none).
+  sample.apg_momentum = 0.0  # apg: β, momentum over evaluations (the paper's: < 0).
   sample.batch_size = 500  # Global examples per sampler call.
   sample.seed = 0  # Example i's noise comes from fold_in(key(seed), i).
   sample.step = FieldReference(None, field_type=int)  # Checkpoint; None: latest.
@@ -128,6 +138,17 @@ def get_config() -> ml_collections.ConfigDict:
   ev.pr_seed = 0  # Draws that real subset; its indices are kept in the reference file.
   ev.grid_class = 0  # The one class on the right of each w's sample grid (Figs. 6/7).
   ev.grid_size = 6  # Each w's grid: grid_size² random-class samples, as many of grid_class.
+
+  # Weights & Biases beside TensorBoard (training and evaluation; process 0). Needs
+  # `pip install "cfg_guidance[wandb]"`; `wandb login` or $WANDB_API_KEY for online runs.
+  config.wandb = wb = ml_collections.ConfigDict()
+  wb.enabled = False
+  wb.project = "cfg_guidance"
+  wb.entity = FieldReference(None, field_type=str)  # Team or user; None: wandb's default.
+  wb.name = FieldReference(None, field_type=str)  # None: "<workdir name>/<job>".
+  wb.group = FieldReference(None, field_type=str)  # E.g. a sweep's name.
+  wb.tags = ()
+  wb.mode = FieldReference(None, field_type=str)  # online | offline; None: $WANDB_MODE.
   return config
 
 
@@ -270,6 +291,10 @@ RULES = {
                           "a number >= 0 or inf"),
     "sample.s_noise": numbers(0.0),
     "sample.clip_x": one_of(*CLIP_MODES),
+    "sample.guidance": one_of(*GUIDANCE_RULES),
+    **{f"sample.{name}_{key}": Rule(lambda v, p=p: (_is_number(v) or v == float("inf"))
+                                    and p.ok(v), p.describe())
+       for name in GUIDANCE_RULES for key, p in guidance.RULES[name].params.items()},
     "sample.batch_size": ints(1),
     "sample.seed": ints(0),
     "sample.step": ints(0, none=True),
@@ -282,10 +307,16 @@ RULES = {
     "eval.num_steps": ints(1),
     "eval.seed": ints(0),
     "eval.step": ints(0, none=True),
+    "wandb.enabled": BOOL,
+    "wandb.project": Rule(lambda v: isinstance(v, str) and bool(v), "a project name"),
+    "wandb.mode": Rule(lambda v: v in (None, "online", "offline"),
+                       "None, 'online' or 'offline'"),
 }
 _SAMPLER_FIELDS = ("sample.sampler", "sample.grid", "sample.v", "sample.eta",
                    "sample.clip_x", "sample.lower_order_final", "sample.s_churn",
-                   "sample.s_tmin", "sample.s_tmax", "sample.s_noise")
+                   "sample.s_tmin", "sample.s_tmax", "sample.s_noise", "sample.guidance",
+                   *(f"sample.{name}_{key}" for name in GUIDANCE_RULES
+                     for key in guidance.RULES[name].params))
 
 
 def check_fields(config: ml_collections.ConfigDict, *names: str) -> None:
@@ -323,6 +354,16 @@ def check_common(config: ml_collections.ConfigDict) -> None:
            f"config.diffusion.logsnr_max={d.logsnr_max}.")
 
 
+def check_tracking(config: ml_collections.ConfigDict) -> None:
+  """config.wandb, and that wandb is installed when it is enabled."""
+  if "wandb" not in config:
+    return  # A run saved before W&B support: its default (off) applies.
+  check_fields(config, "wandb")
+  if config.wandb.enabled and importlib.util.find_spec("wandb") is None:
+    raise ValueError("config.wandb.enabled=True, but wandb is not installed: pip install "
+                     "'cfg_guidance[wandb]' (or leave config.wandb.enabled=False).")
+
+
 def check_sampler(config: ml_collections.ConfigDict, num_steps_field: str) -> None:
   """config.sample's sampler settings, and the job's step count (e.g. "eval.num_steps")."""
   check_fields(config, *_SAMPLER_FIELDS, num_steps_field)
@@ -347,6 +388,7 @@ def check_train(config: ml_collections.ConfigDict, workdir: str,
   num_devices = num_devices or jax.device_count()
   check_common(config)
   check_fields(config, "train", "sharding")
+  check_tracking(config)
   t = config.train
   _require(t.batch_size % num_devices == 0,
            f"config.train.batch_size={t.batch_size} must be divisible by the number of "
@@ -401,6 +443,7 @@ def check_eval(config: ml_collections.ConfigDict, *, min_samples: int, pr_k: int
   """Every field the evaluation reads; `min_samples` (IS splits) and `pr_k` from it."""
   check_common(config)
   check_sampler(config, "eval.num_steps")
+  check_tracking(config)
   ev, num_classes = config.eval, config.model.num_classes
   _require(config.model.name == "unet",
            f"config.model.name={config.model.name!r}: --mode=evaluate measures image "

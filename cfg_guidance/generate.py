@@ -9,7 +9,6 @@ batch, device count or process count it is drawn with, and whichever job draws i
 
 import dataclasses
 import functools
-import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from absl import logging
@@ -18,16 +17,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from cfg_guidance import models, sampling
-from cfg_guidance.runtime import backend, distributed, sharding
+from cfg_guidance import guidance, models, sampling
+from cfg_guidance.runtime import backend, distributed, reporting, sharding
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["v", "eta", "logsnr_min", "logsnr_max", "dynamic_percentile",
-                 "guidance_interval", "s_churn", "s_tmin", "s_tmax", "s_noise"],
+                 "guidance_interval", "s_churn", "s_tmin", "s_tmax", "s_noise",
+                 "guidance_params"],
     meta_fields=["shape", "null_label", "num_steps", "sampler", "clip_x", "batch_size",
-                 "cond_uncond_batched", "grid", "lower_order_final"])
+                 "cond_uncond_batched", "grid", "lower_order_final", "guidance"])
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """How to sample, apart from the labels, weights and seed. See `sampling.sample`.
@@ -54,6 +54,9 @@ class Settings:
   s_tmin: float = 0.0
   s_tmax: float = float("inf")
   s_noise: float = 1.0
+  guidance: str = "cfg"  # The guidance rule: one of guidance.RULES.
+  # Its parameters by name (guidance.RULES[guidance].params); traced, like v.
+  guidance_params: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def num_evaluations(self) -> int:
@@ -68,13 +71,17 @@ def settings_from_config(config, *, num_steps: int, batch_size: int | None = Non
                          ) -> Settings:
   """The sampler of `config.sample` for the model of `config.model`, with T = num_steps.
 
-  This is where the sampler settings are read from a config, for every job.
+  This is where the sampler settings are read from a config, for every job. The
+  guidance rule's parameters come from the fields `sample.<rule>_<parameter>`.
   """
   _, fields = models.parse_config(config.model)
   s = config.sample
   default = Settings(shape=(), null_label=0, num_steps=1)  # For fields an older run lacks.
   newer = {k: s.get(k, getattr(default, k)) for k in (
-      "grid", "lower_order_final", "s_churn", "s_tmin", "s_tmax", "s_noise")}
+      "grid", "lower_order_final", "s_churn", "s_tmin", "s_tmax", "s_noise", "guidance")}
+  rule = guidance.RULES.get(newer["guidance"])
+  newer["guidance_params"] = {k: float(s.get(f"{newer['guidance']}_{k}", p.default))
+                              for k, p in (rule.params.items() if rule else ())}
   return Settings(shape=fields.example_shape(), null_label=fields.num_classes,
                   num_steps=int(num_steps), sampler=s.sampler, clip_x=s.clip_x,
                   batch_size=int(batch_size or s.batch_size), v=float(s.v),
@@ -92,7 +99,7 @@ def root_key(seed: int, stream: int | None = None) -> np.ndarray:
 
 @backend.jit(static_argnames=("out_sharding",))
 def _sample_rows(eps_fn, root, indices, labels, weights, negative_labels,
-                 settings: Settings, *, out_sharding):
+                 settings: Settings, negative_eps_fn, classifier_fn, *, out_sharding):
   """[B, *shape] samples; example `indices[b]` draws its noise from fold_in(root, i)."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.wrap_key_data(root),
                                                         indices)
@@ -101,7 +108,9 @@ def _sample_rows(eps_fn, root, indices, labels, weights, negative_labels,
                  guidance_interval=settings.guidance_interval,
                  negative_labels=negative_labels, grid=settings.grid,
                  lower_order_final=settings.lower_order_final, s_churn=settings.s_churn,
-                 s_tmin=settings.s_tmin, s_tmax=settings.s_tmax, s_noise=settings.s_noise)
+                 s_tmin=settings.s_tmin, s_tmax=settings.s_tmax, s_noise=settings.s_noise,
+                 guidance=settings.guidance, guidance_params=settings.guidance_params,
+                 negative_eps_fn=negative_eps_fn, classifier_fn=classifier_fn)
   x = sampling.sample(eps_fn, keys, labels, shape=settings.shape, guidance_weight=weights,
                       null_label=settings.null_label, num_steps=settings.num_steps,
                       sampler=settings.sampler, v=settings.v,
@@ -140,8 +149,9 @@ def _check_range(name: str, labels: np.ndarray, null_label: int) -> None:
 
 def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
             settings: Settings, seed: int, indices: Sequence[int] | None = None,
-            stream: int | None = None, negative_labels=None, mesh=None,
-            progress: str | None = None) -> Iterator[Batch]:
+            stream: int | None = None, negative_labels=None, negative_eps_fn=None,
+            classifier_fn=None, mesh=None, progress: str | None = None
+            ) -> Iterator[Batch]:
   """Samples `labels` at `guidance_weight`, one global batch at a time.
 
   Every process passes the same arguments and gets its own rows of each batch; the next
@@ -159,6 +169,9 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
     stream: if given, the root key is fold_in(key(seed), stream) instead: a second,
       independent set of samples for the same indices.
     negative_labels: the negative branch's labels, scalar or [N] (default ∅).
+    negative_eps_fn, classifier_fn: the second network of settings.guidance
+      "autoguidance" (an eps_fn) or "classifier" (`classifier_fn(z, logsnr) -> logits`);
+      `jax.tree_util.Partial`s, as eps_fn.
     mesh: default: every device of every process on one `data` axis.
     progress: if given, process 0 logs a line per batch naming it, with the samples done,
       their rate and the time left.
@@ -180,8 +193,11 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
       "negative_labels", negative_labels, n, np.int32)
   if negative is not None:
     _check_range("negative_labels", negative, settings.null_label)
-  if not isinstance(eps_fn, jax.tree_util.Partial):
-    eps_fn = jax.tree_util.Partial(eps_fn)  # Keyed by identity: pass the same one.
+  # Plain callables are keyed by identity: pass the same ones.
+  as_partial = lambda fn: (fn if fn is None or isinstance(fn, jax.tree_util.Partial)
+                          else jax.tree_util.Partial(fn))
+  eps_fn, negative_eps_fn, classifier_fn = map(as_partial, (eps_fn, negative_eps_fn,
+                                                            classifier_fn))
   mesh = mesh or sharding.create_mesh()
   size = global_batch_size(settings, n, mesh)
   rows = _process_rows(size)
@@ -199,10 +215,11 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
       local["negative"] = negative[picked][rows]
     batch = sharding.host_to_global(local, mesh)
     x = _sample_rows(eps_fn, root, batch["indices"], batch["labels"], batch["weights"],
-                     batch.get("negative"), settings, out_sharding=out_sharding)
+                     batch.get("negative"), settings, negative_eps_fn, classifier_fn,
+                     out_sharding=out_sharding)
     return picked[rows], x, valid[rows]
 
-  report = _Progress(progress, n) if progress and jax.process_index() == 0 else None
+  report = reporting.Progress(progress, n) if progress and jax.process_index() == 0 else None
   pending = launch(0)
   for following in list(range(size, n, size)) + [None]:
     position, x, valid = pending
@@ -220,27 +237,6 @@ def batches(eps_fn: Callable, labels: Sequence[int], guidance_weight, *,
     if report:
       report(min(n, (following or n)))
     yield Batch(indices[position], samples, valid)
-
-
-class _Progress:
-  """Logs `what: done/total samples (p%), rate, ETA` for each finished batch."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total, self.start = what, total, time.monotonic()
-
-  def __call__(self, done: int) -> None:
-    elapsed = time.monotonic() - self.start
-    rate = done / max(elapsed, 1e-9)
-    left = (self.total - done) / rate
-    logging.info("%s: %d/%d samples (%.0f%%), %.1f samples/s, ETA %s", self.what, done,
-                 self.total, 100 * done / self.total, rate, _duration(left))
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds >= 3600:
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def draw(eps_fn: Callable, labels: Sequence[int], guidance_weight, **kwargs

@@ -99,11 +99,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_libraries(FLAGS.verbosity)
   config = FLAGS.config
-  # TensorFlow serves data, summaries (CLU) and Inception here: keep it off the
-  # accelerators so it does not claim their memory.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-
+  # TensorFlow (the [tf] extra) is imported only by TFDS data and the Inception
+  # extractor, through runtime.backend.tensorflow(), which keeps it off the GPUs.
   import jax  # pylint: disable=g-import-not-at-top
   from cfg_guidance.runtime import backend, distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -1,10 +1,12 @@
-"""Classifier-free guided sampling: guided ε (Eq. 6), Algorithm 2 and the fast solvers, the loop.
+"""Classifier-free guided sampling: the guided ε (Eq. 6, or another rule of
+`cfg_guidance.guidance`), Algorithm 2 and the fast solvers, the loop.
 
 `eps_fn(z, logsnr, labels) -> eps` with `z: [M, *shape]`, `logsnr: [M]`, `labels: [M]`.
 Pass a `jax.tree_util.Partial` to bind arrays (e.g. model parameters): they cross the
 jit boundary as leaves, so new parameters reuse the compiled sampler, e.g.
 `Partial(apply, graphdef, state)` with a module-level `apply(graphdef, state, z, logsnr,
 labels)`. A plain callable is keyed by identity: pass the same object to avoid retracing.
+The same holds for the options `negative_eps_fn` and `classifier_fn`.
 """
 
 import functools
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfg_guidance import diffusion
+from cfg_guidance import diffusion, guidance
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -43,25 +45,41 @@ class _Options(NamedTuple):
   s_tmin: float = 0.0  # heun: churn only for σ/α in [s_tmin, s_tmax].
   s_tmax: float = float("inf")
   s_noise: float = 1.0  # heun: EDM's S_noise.
+  guidance: str = "cfg"  # The guidance rule: one of guidance.RULES.
+  guidance_params: Any = None  # Its parameters by name, each a scalar or [N].
+  negative_eps_fn: Any = None  # autoguidance: the bad model's eps_fn (run at c).
+  classifier_fn: Any = None  # classifier: classifier_fn(z, logsnr) -> logits [N, K].
 
 
-def guided_eps(eps_fn, z, logsnr, labels, negative_labels, w, *, batched=True):
-  """ε̃ = (1 + w) ε(z, c) − w ε(z, c⁻) (Eq. 6), c⁻ = ∅ by default.
+def guided_eps(eps_fn, z, logsnr, labels, negative_labels, w, *, batched=True,
+               guidance_rule="cfg", guidance_params=None, state=(), negative_eps_fn=None,
+               classifier_fn=None):
+  """The guided ε̃ at one λ and the rule's next state: (eps [N, *shape], state).
 
-  z: [N, *shape]; logsnr, labels, negative_labels, w: [N]. `batched` evaluates both
-  branches in ONE eps_fn call on 2N examples; otherwise two calls of N.
+  z: [N, *shape]; logsnr, labels, negative_labels, w: [N]. The default rule is Eq. 6,
+  ε̃ = (1 + w) ε(z, c) − w ε(z, c⁻) with c⁻ = ∅ by default; `guidance_rule`,
+  `guidance_params` and `state` select another of `guidance.RULES` (state: the rule's
+  `init_state(z)` or what the previous call returned). For rules with both branches in
+  one network, `batched` evaluates them in ONE eps_fn call on 2N examples, otherwise in
+  two calls of N; autoguidance calls eps_fn and negative_eps_fn on N each, at c.
   """
   n = z.shape[0]
+  rule, params = guidance.resolve(guidance_rule, guidance_params, n)
   logsnr = jnp.broadcast_to(logsnr, (n,))
-  if batched:
+  if rule.negative == "model":
+    eps_cond = eps_fn(z, logsnr, labels)
+    eps_neg = negative_eps_fn(z, logsnr, labels)
+  elif batched:
     eps2 = eps_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
                   jnp.concatenate([labels, negative_labels]))
     eps_cond, eps_neg = eps2[:n], eps2[n:]
   else:
     eps_cond = eps_fn(z, logsnr, labels)
     eps_neg = eps_fn(z, logsnr, negative_labels)
-  w = diffusion.expand_to(w, z)
-  return (1.0 + w) * eps_cond - w * eps_neg
+  grad = (guidance.classifier_grad(classifier_fn, z, logsnr, labels) if rule.classifier
+          else None)
+  pred = guidance.Predictions(z, logsnr, eps_cond, eps_neg, grad)
+  return rule.combine(pred, w, params, state)
 
 
 def _dynamic_threshold(x, percentile):
@@ -117,6 +135,10 @@ def ddim_step(z, x_pred, eps_pred, logsnr, logsnr_next, noise, params):
 # `history` is the solver's carry (`init_history(z)`). After the last step the sampler
 # returns x̂ at the last grid point λ_max, one more evaluation; so a solver that
 # evaluates once per step spends num_steps evaluations in all, as Algorithm 2 does.
+# A guidance rule's state (APG's momentum) rides in the scan's carry beside z and
+# `history`, threaded through `denoise`'s calls in the order a step makes them: it
+# advances once per guided evaluation, so twice per Heun step (at σ̂ and at the Euler
+# point), and solvers call `denoise` in straight-line code (never under lax.cond).
 #
 # The ODE solvers work in the half-log-SNR h-variable of DPM-Solver, ℓ = λ/2 = log(α/σ),
 # on the data prediction x̂ (which is what thresholding clips): from ℓ to ℓ' = ℓ + h,
@@ -308,10 +330,11 @@ def logsnr_grid(grid: str, num_steps: int, logsnr_min, logsnr_max):
 
 @functools.partial(
     jax.jit, static_argnames=("shape", "num_steps", "step_name", "clip_mode", "batched",
-                              "grid", "lower_order_final"))
+                              "grid", "lower_order_final", "guidance_rule"))
 def _sample_loop(eps_fn, rng, labels, negative_labels, w, logsnr_range, interval,
-                 params, percentile, z_init, *, shape, num_steps, step_name, clip_mode,
-                 batched, grid="u", lower_order_final=True):
+                 params, percentile, z_init, guidance_params, negative_eps_fn,
+                 classifier_fn, *, shape, num_steps, step_name, clip_mode, batched,
+                 grid="u", lower_order_final=True, guidance_rule="cfg"):
   """The jitted sampler: a lax.scan over the N − 1 steps, then x̂ at λ_max."""
   solver = SOLVERS[step_name]
   n = labels.shape[0]
@@ -328,30 +351,45 @@ def _sample_loop(eps_fn, rng, labels, negative_labels, w, logsnr_range, interval
   if z_init is None:
     z_init = draw(init_rng)
 
-  def denoise(z, logsnr):
-    """Guided (Eq. 6) and thresholded (x̂, ε̂) at one λ: one evaluation of eps_fn."""
+  rule = guidance.RULES[guidance_rule]
+
+  def denoise(z, logsnr, state):
+    """Guided and thresholded (x̂, ε̂) at one λ, and the rule's next state: one
+    evaluation of eps_fn. Outside the guidance interval w and the rule's other strengths
+    are 0 (the conditional prediction) and the state stands still."""
     in_interval = (logsnr >= interval[0]) & (logsnr <= interval[1])
-    w_t = jnp.where(in_interval, w, 0.0)
-    eps = guided_eps(eps_fn, z, jnp.full((n,), logsnr), labels, negative_labels, w_t,
-                     batched=batched)
+    off = lambda a: jnp.where(in_interval, a, 0.0)
+    params_t = {k: off(v) if k in rule.strengths else v for k, v in guidance_params.items()}
+    eps, new_state = guided_eps(
+        eps_fn, z, jnp.full((n,), logsnr), labels, negative_labels, off(w),
+        batched=batched, guidance_rule=guidance_rule, guidance_params=params_t,
+        state=state, negative_eps_fn=negative_eps_fn, classifier_fn=classifier_fn)
+    state = jax.tree.map(lambda new, old: jnp.where(in_interval, new, old), new_state, state)
     x_pred = diffusion.predict_x_from_eps(z, eps, logsnr)
     if clip_mode != "none":
       x_pred = threshold_x(x_pred, clip_mode, percentile)
       eps = diffusion.predict_eps_from_x(z, x_pred, logsnr)
-    return x_pred, eps
+    return x_pred, eps, state
 
   ctx = _Ctx(params=params, num_steps=num_steps, lower_order_final=lower_order_final)
 
   def body(carry, xs):
-    z, history = carry
+    z, history, state = carry
     k, logsnr, logsnr_next = xs
     noise = draw(fold_in(loop_rng, k)) if solver.stochastic else None
-    z, history = solver.step(denoise, z, history, k, logsnr, logsnr_next, noise, ctx)
-    return (z, history), None
+    threaded = [state]  # The rule's state, passed from one denoise call to the next.
+
+    def step_denoise(z, logsnr):
+      x_pred, eps, threaded[0] = denoise(z, logsnr, threaded[0])
+      return x_pred, eps
+
+    z, history = solver.step(step_denoise, z, history, k, logsnr, logsnr_next, noise, ctx)
+    return (z, history, threaded[0]), None
 
   xs = (jnp.arange(num_steps - 1), logsnrs[:-1], logsnrs[1:])
-  (z, _), _ = jax.lax.scan(body, (z_init, solver.init_history(z_init)), xs)
-  x_pred, _ = denoise(z, logsnrs[-1])
+  carry = (z_init, solver.init_history(z_init), rule.init_state(z_init))
+  (z, _, state), _ = jax.lax.scan(body, carry, xs)
+  x_pred, _, _ = denoise(z, logsnrs[-1], state)
   return x_pred
 
 
@@ -424,8 +462,15 @@ def sample(eps_fn: EpsFn, rng, labels, *, shape, guidance_weight, null_label,
       `dynamic_percentile` (0.995), `eta` (DDIM noise, 0.), `cond_uncond_batched`
       (True: one eps_fn call on 2N; False: two calls on N, same result, less memory),
       `z_init` ([N, *shape] replacing the initial N(0, I) draw), `grid` ("u": the
-      schedule's, or "logsnr": uniform in λ), `lower_order_final` (True), and for
-      "heun" EDM's `s_churn` (0.), `s_tmin` (0.), `s_tmax` (inf), `s_noise` (1.).
+      schedule's, or "logsnr": uniform in λ), `lower_order_final` (True), for
+      "heun" EDM's `s_churn` (0.), `s_tmin` (0.), `s_tmax` (inf), `s_noise` (1.), and
+      the guidance rule (`cfg_guidance.guidance`): `guidance` ("cfg", Eq. 6;
+      "cfg_rescale", "apg", "autoguidance" or "classifier"), `guidance_params` (its
+      parameters by name, each a scalar or [N], traced: "cfg_rescale" {"phi": 0.7};
+      "apg" {"eta": 0., "threshold": inf, "momentum": 0.}; "classifier" {"scale": 1.}),
+      `negative_eps_fn` (autoguidance's bad model, an eps_fn evaluated at `labels`)
+      and `classifier_fn` (classifier guidance's `classifier_fn(z, logsnr) -> logits
+      [N, K]`, differentiated in the sampler). w scales every rule's guidance.
   """
   unknown = set(options) - set(_Options._fields)
   if unknown:
@@ -447,6 +492,15 @@ def sample(eps_fn: EpsFn, rng, labels, *, shape, guidance_weight, null_label,
   labels = _check_labels("labels", labels, n, null_label)
   negative_labels = null_label if opts.negative_labels is None else opts.negative_labels
   negative_labels = _check_labels("negative_labels", negative_labels, n, null_label)
+  rule, guidance_params = guidance.resolve(opts.guidance, opts.guidance_params, n)
+  for name, needed in (("negative_eps_fn", rule.negative == "model"),
+                       ("classifier_fn", rule.classifier)):
+    if needed != (getattr(opts, name) is not None):
+      raise ValueError(f"guidance={opts.guidance!r} {'needs the' if needed else 'takes no'} "
+                       f"{name} option.")
+  if rule.negative == "model" and opts.negative_labels is not None:
+    raise ValueError(f"negative_labels has no effect with guidance={opts.guidance!r}: "
+                     "negative_eps_fn is evaluated at labels.")
 
   if np.ndim(guidance_weight) > 1 or (np.ndim(guidance_weight) == 1
                                       and np.shape(guidance_weight)[0] != n):
@@ -482,18 +536,20 @@ def sample(eps_fn: EpsFn, rng, labels, *, shape, guidance_weight, null_label,
   z_init = opts.z_init
   if z_init is not None and tuple(np.shape(z_init)) != (n, *shape):
     raise ValueError(f"z_init must have shape {(n, *shape)}, got {np.shape(z_init)}.")
-  if not isinstance(eps_fn, jax.tree_util.Partial):
-    eps_fn = jax.tree_util.Partial(eps_fn)
+  as_partial = lambda fn: (fn if fn is None or isinstance(fn, jax.tree_util.Partial)
+                          else jax.tree_util.Partial(fn))
 
   f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
   return _sample_loop(
-      eps_fn, rng, labels, negative_labels, w,
+      as_partial(eps_fn), rng, labels, negative_labels, w,
       f32(jnp.stack([f32(logsnr_min), f32(logsnr_max)])),
       f32(jnp.stack([f32(interval[0]), f32(interval[1])])),
       StepParams(v=f32(v), eta=f32(opts.eta), s_churn=f32(opts.s_churn),
                  s_tmin=f32(opts.s_tmin), s_tmax=f32(opts.s_tmax),
                  s_noise=f32(opts.s_noise)),
       f32(opts.dynamic_percentile), None if z_init is None else f32(z_init),
+      guidance_params, as_partial(opts.negative_eps_fn), as_partial(opts.classifier_fn),
       shape=shape, num_steps=int(num_steps), step_name=sampler,
       clip_mode=_clip_mode(clip_x), batched=bool(opts.cond_uncond_batched),
-      grid=opts.grid, lower_order_final=bool(opts.lower_order_final))
+      grid=opts.grid, lower_order_final=bool(opts.lower_order_final),
+      guidance_rule=opts.guidance)

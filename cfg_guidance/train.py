@@ -20,7 +20,7 @@ from cfg_guidance import config as config_lib
 from cfg_guidance import diffusion, generate, images, state as state_lib
 from cfg_guidance.data import pipeline
 from cfg_guidance.models import eps
-from cfg_guidance.runtime import backend, checkpointing, preemption, sharding
+from cfg_guidance.runtime import backend, checkpointing, preemption, reporting, sharding
 
 TrainState = state_lib.TrainState
 
@@ -140,8 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   Returns the final state, or the state saved at a preemption notice (then its step is
   below num_steps). `mesh` defaults to every device of every process on one `data` axis.
   """
-  # clu imports TensorFlow (~5 s): only the training loop needs it.
-  from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
   mesh = mesh or sharding.create_mesh()
   config_lib.check_train(config, workdir, num_devices=mesh.size)
   workdir = epath.Path(workdir)
@@ -154,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     _check_resumable(config, ckpt)
     is_chief = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    writer = reporting.Writer(workdir, is_chief=is_chief, wandb_config=config.wandb,
+                              job="train")
     tx = make_optimizer(config.train)
     state, state_shardings = state_lib.create(config.model, config.sharding,
                                               seed=config.seed, mesh=mesh, tx=tx)
@@ -166,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         ckpt.set_aside(ckpt.unreadable)
     else:
       parameter_overview.log_parameter_overview(state.params, msg="Model parameters")
-    writer.write_hparams(_flat_hparams(config.to_dict()))
+    writer.write_hparams(reporting.flat_hparams(config.to_dict()))
 
     graphdef = eps.graphdef(config.model)
     train_fn = make_train_fn(config, graphdef, tx, state_shardings, mesh)
@@ -180,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       try:
         ckpt.wait_until_finished()
       finally:
-        writer.flush()
+        writer.close()
     ckpt.check_for_errors()
   return state
 
@@ -229,13 +229,9 @@ def _grid_writer(config, workdir, writer, graphdef, mesh):
 def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
                 grid) -> TrainState:
   """Steps until `train.num_steps`, or a preemption notice (then saves and returns)."""
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   k, num_steps = config.train.steps_per_dispatch, config.train.num_steps
   step = int(state.step)
-  # Progress and ETA to the log only: the loop writes steps_per_sec itself, once per
-  # logging step (with a writer, CLU would write a second, differently timed one).
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=None,
-                                           every_steps=config.train.log_every)
+  progress = reporting.Progress("training", num_steps, unit="steps", start=step)
   history = []
   t_log, step_log = time.time(), step
   while step < num_steps:
@@ -246,8 +242,6 @@ def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
     if history:
       _check_finite(history[-1], prev, config.train.max_consecutive_nonfinite, ckpt)
     history.append(metrics)
-    for s in range(prev + 1, step + 1):  # CLU's hook wants every step, once.
-      report(s)
     ckpt.check_for_errors()  # An asynchronous save that failed stops training now.
     if _crossed(prev, step, config.train.log_every) or step >= num_steps:
       scalars = _summarize(jax.device_get(history))
@@ -257,6 +251,7 @@ def _train_loop(config, mesh, writer, ckpt, data_iter, watcher, state, train_fn,
       scalars["learning_rate"] = float(make_lr(config.train)(step))
       scalars["num_nonfinite"] = int(state.num_nonfinite)
       writer.write_scalars(step, scalars)
+      progress(step)
       t_log, step_log = time.time(), step
     if grid is not None and _crossed(prev, step, config.train.sample_every):
       grid(state.ema_params, step)
@@ -284,17 +279,6 @@ def _check_finite(metrics: dict | None, step: int, limit: int, ckpt) -> None:
         f"{consecutive} consecutive updates had a non-finite loss or gradient (up to step "
         f"{step}); training stopped. The last checkpoint, step {ckpt.latest_step()}, is "
         "untouched.")
-
-
-def _flat_hparams(d: dict, prefix: str = "") -> dict:
-  """Config → {"train.batch_size": 128, ...} with scalar values, for TensorBoard."""
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      flat.update(_flat_hparams(v, f"{prefix}{k}."))
-    else:
-      flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return flat
 
 
 def _summarize(history: list[dict]) -> dict:

@@ -75,7 +75,7 @@ main() {
 
   cd "$REPO_ROOT"
   if is_true "$INSTALL"; then
-    run "$PYTHON" -m pip install -e "$REPO_ROOT" "$requirement"
+    run "$PYTHON" -m pip install -e "${REPO_ROOT}[tf]" "$requirement"
   fi
   main_args "$CONFIG" "$WORKDIR" "$MODE"
   if [[ -n "$GPUS" ]]; then

@@ -132,7 +132,7 @@ install() {
     [[ -x "$VENV/bin/python" ]] || run python3 -m venv "$VENV"
     python="$VENV/bin/python"
   fi
-  run "$python" -m pip install -e "$REPO_ROOT" "$requirement"
+  run "$python" -m pip install -e "${REPO_ROOT}[tf]" "$requirement"
 }
 
 submit() {

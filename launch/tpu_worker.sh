@@ -29,7 +29,7 @@ install() {
     python3 -m pip install --user --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh
   fi
   [[ -x "$VENV/bin/python" ]] || uv venv --python "$python_version" "$VENV"
-  uv pip install --python "$VENV/bin/python" -e "$REPO_ROOT" \
+  uv pip install --python "$VENV/bin/python" -e "${REPO_ROOT}[tf]" \
     "jax[tpu]==$jax_version" --find-links "$find_links"
   "$VENV/bin/python" -c 'import jax, cfg_guidance; print("jax", jax.__version__)'
 }

@@ -14,6 +14,8 @@ import jax
 import pytest
 
 import kernels_test
+from cfg_guidance.data import sources
+from cfg_guidance.evaluation import inception
 from cfg_guidance.runtime import backend, kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -217,3 +219,19 @@ def test_refused_mallopt_is_reported(monkeypatch, caplog):
   monkeypatch.setattr(backend, "_glibc_mallopt", lambda: lambda param, value: 0)
   assert not backend.configure_cpu(backend="cpu")
   assert "mallopt refused" in caplog.text
+
+
+def test_tensorflow_and_tfds_missing_name_the_extra(monkeypatch):
+  # As in a core install: `import tensorflow` raises ImportError.
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  backend.tensorflow.cache_clear()
+  try:
+    with pytest.raises(ImportError, match=r"^The Inception extractor \(config.eval.extractor="
+                       r"'inception'\) needs TensorFlow.*pip install 'cfg_guidance\[tf\]'"):
+      inception._load_graph_def("unused.pb")
+    with pytest.raises(ImportError, match=r"^data.name='imagenet2012' \(a TFDS data set\) "
+                       r"needs tensorflow-datasets.*pip install 'cfg_guidance\[tf\]'"):
+      sources.open_tfds("imagenet2012", "train", None)
+  finally:
+    backend.tensorflow.cache_clear()

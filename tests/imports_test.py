@@ -26,6 +26,7 @@ LAYERS = [
     ["data"],
     ["models"],
     ["sampling"],
+    ["guidance"],
     ["diffusion"],
     ["runtime"],
     ["images"],

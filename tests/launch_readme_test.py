@@ -157,7 +157,7 @@ def check_installed(env, homes):
       line for home in homes for line in (
           f"{home}|venv --python 3.11 {home}/cfg_guidance/venv",
           f"{home}|pip install --python {home}/cfg_guidance/venv/bin/python "
-          f"-e {home}/cfg_guidance/repo jax[tpu]==0.10.2 --find-links {LIBTPU}")]
+          f"-e {home}/cfg_guidance/repo[tf] jax[tpu]==0.10.2 --find-links {LIBTPU}")]
 
 
 def main_calls(homes, *flags):
@@ -316,7 +316,7 @@ def test_slurm_install_and_submit(env):
   commands = slurm_dry_run(env)
   assert commands[:3] == [
       ["python3", "-m", "venv", "/shared/venvs/cfg"],
-      ["/shared/venvs/cfg/bin/python", "-m", "pip", "install", "-e", str(env.root),
+      ["/shared/venvs/cfg/bin/python", "-m", "pip", "install", "-e", f"{env.root}[tf]",
        "jax[cuda12]==0.10.2"],
       ["mkdir", "-p", f"{env.root}/logs/slurm"]]
   (sbatch,) = commands[3:]
@@ -359,7 +359,7 @@ def test_gpu_local_install_and_train(env):
   result = run_readme(env, readme("launch/gpu_local.sh --install"))
   assert result.returncode == 0, result.stderr
   assert env.lines("python.calls") == [
-      f"{env.root}||-m pip install -e {env.root} jax[cuda12]==0.10.2",
+      f"{env.root}||-m pip install -e {env.root}[tf] jax[cuda12]==0.10.2",
       f"{env.root}||-m cfg_guidance.main --config=configs/cifar10.py "
       f"--workdir={env.env['HOME']}/runs/cifar10 --mode=train"]
 

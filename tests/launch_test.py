@@ -246,7 +246,7 @@ def test_slurm_dry_run_no_requeue(env):
   assert env.calls() == []
   commands = [shlex.split(line[2:]) for line in result.stdout.splitlines()
               if line.startswith("+ ")]
-  assert commands[0] == ["python", "-m", "pip", "install", "-e", str(env.root),
+  assert commands[0] == ["python", "-m", "pip", "install", "-e", f"{env.root}[tf]",
                          "jax[cuda13]==0.10.2"]
   sbatch = commands[-1]
   assert sbatch[0] == "sbatch" and "--no-requeue" in sbatch and "--requeue" not in sbatch
@@ -316,7 +316,7 @@ def test_gpu_local(env):
                    f"--python={env.python}")
   assert result.returncode == 0, result.stderr
   assert (env.fake / "python.calls").read_text().splitlines() == [
-      f"{env.root}||-m pip install -e {env.root} jax[cuda13]==0.10.2",
+      f"{env.root}||-m pip install -e {env.root}[tf] jax[cuda13]==0.10.2",
       f"{env.root}|0,1|-m cfg_guidance.main {' '.join(args)}"]
   dry = env.run("gpu_local.sh", *args, "--dry-run", CFG_PYTHON="python3")
   assert dry.stdout.splitlines() == [f"+ python3 -m cfg_guidance.main {' '.join(args)}"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cfg_guidance import main
+import reporting_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -24,16 +25,26 @@ TINY = [
 ]
 
 
-def run_main(workdir, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  cmd = [sys.executable, "-m", "cfg_guidance.main", "--config=configs/digits.py",
-         f"--workdir={workdir}", *TINY, *args]
+# Runs cfg_guidance.main with TensorFlow and TFDS made unimportable (as in a core install,
+# where `import tensorflow` raises ImportError).
+WITHOUT_TF = ("import sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None); "
+              "from cfg_guidance import main; sys.argv[0] = 'cfg-guidance'; main.run_main()")
+
+
+def run_main(workdir, *args, without_tensorflow=False):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             WANDB_SILENT="true")
+  entry = ["-c", WITHOUT_TF] if without_tensorflow else ["-m", "cfg_guidance.main"]
+  cmd = [sys.executable, *entry, "--config=configs/digits.py", f"--workdir={workdir}",
+         *TINY, *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
 
 
 def test_cli_trains_then_samples(tmp_path):
-  proc = run_main(tmp_path)
+  # As a core install runs it (no TensorFlow), with W&B beside TensorBoard, offline.
+  proc = run_main(tmp_path, "--config.wandb.enabled=True", "--config.wandb.mode=offline",
+                  without_tensorflow=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "checkpoints" / "8").is_dir()
   # Orbax's INFO lines ("[process=0][thread=...]") only with --verbosity=1; its saves
@@ -45,7 +56,12 @@ def test_cli_trains_then_samples(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   events = event_accumulator.EventAccumulator(str(tmp_path)).Reload()
   assert [e.step for e in events.Tensors("steps_per_sec")] == [4, 8]
-  proc = run_main(tmp_path, "--mode=sample")
+  # The same steps in the W&B run, read back from its offline files.
+  wandb_steps = [r.history.step.num for r in reporting_test._wandb_records(tmp_path)
+                 if r.WhichOneof("record_type") == "history"
+                 and "loss" in map(reporting_test._key, r.history.item)]
+  assert wandb_steps == [4, 8]
+  proc = run_main(tmp_path, "--mode=sample", without_tensorflow=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # A progress line per batch of 2: 2/4, then 4/4 samples, for each weight.
   progress = [l.split("] ", 1)[1] for l in proc.stderr.splitlines() if "ETA" in l]

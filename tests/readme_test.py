@@ -18,7 +18,7 @@ RUNNERS = {
     'pip install -e ".[test]" && python -m pytest': ".ci/run",
     # An accelerator's extra: the same install as CI's (constraints) with JAX's CUDA wheels;
     # the core set's resolution for other platforms is .ci/check_platforms.
-    'pip install -e ".[cuda12]" -c constraints.txt': ".ci/check_platforms",
+    'pip install -e ".[cuda12,tf]" -c constraints.txt': ".ci/check_platforms",
     "python -m cfg_guidance.toy --out=": ".ci/readme_commands",
     "python -m cfg_guidance.main --config=configs/toy2d.py": ".ci/readme_commands",
     # On a fake ILSVRC2012 in the real layout, a tiny model, a stand-in Inception graph.

@@ -12,6 +12,7 @@ from etils import epath
 import numpy as np
 
 from cfg_guidance.data import preprocess
+from cfg_guidance.runtime import backend
 
 # File name endings read by the image-folder source (case-insensitive); others are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -144,7 +145,7 @@ def open_tfds(tfds_name: str, split: str, data_dir: str | None) -> Sequence[dict
   Raises ValueError naming `data.data_dir`, with the command that prepares the data, when
   the data set is not there in ArrayRecord format. Never downloads.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = backend.tensorflow_datasets(f"data.name={tfds_name!r} (a TFDS data set)")
   try:
     return tfds.data_source(
         tfds_name, split=split, data_dir=data_dir, download=False,

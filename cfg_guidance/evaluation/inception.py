@@ -24,9 +24,12 @@ import os
 from etils import epath
 import numpy as np
 
+from cfg_guidance.runtime import backend
+
 INCEPTION_URL = ("http://download.tensorflow.org/models/image/imagenet/"
                  "inception-2015-12-05.tgz")
 GRAPH_FILENAME = "classify_image_graph_def.pb"
+_PURPOSE = "The Inception extractor (config.eval.extractor='inception')"
 INPUT_TENSOR = "ExpandDims:0"
 POOL3_TENSOR = "pool_3:0"
 SPATIAL_TENSOR = "mixed_6/conv:0"
@@ -57,7 +60,7 @@ def resolve_graph_path(path):
 
 
 def _load_graph_def(path):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = backend.tensorflow(_PURPOSE)
   graph_def = tf.compat.v1.GraphDef()
   with epath.Path(path).open("rb") as f:
     try:
@@ -86,7 +89,7 @@ class InceptionExtractor:
   spatial_dim = SPATIAL_DIM
 
   def __init__(self, path, *, batch_size=100):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = backend.tensorflow(_PURPOSE)
     self.path = resolve_graph_path(path)
     self.batch_size = batch_size
     graph_def = _load_graph_def(self.path)
@@ -108,7 +111,7 @@ class InceptionExtractor:
         forward, [tf.TensorSpec([None, None, None, 3], tf.float32)])
 
   def __call__(self, images, *, spatial=False):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = backend.tensorflow(_PURPOSE)
     images = np.asarray(images)
     if images.dtype != np.uint8:
       raise ValueError(f"images must be uint8 in [0, 255]; got dtype {images.dtype}.")

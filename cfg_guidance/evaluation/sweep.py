@@ -18,7 +18,7 @@ import numpy as np
 from cfg_guidance import api, files, generate, images
 from cfg_guidance import config as config_lib
 from cfg_guidance.evaluation import classifier, inception, metrics, reference, report
-from cfg_guidance.runtime import checkpointing, distributed, sharding
+from cfg_guidance.runtime import checkpointing, distributed, reporting, sharding
 
 # The grids' keys hang off fold_in(key(seed), GRID_STREAM), an index no sweep reaches.
 GRID_STREAM = 2**32 - 1
@@ -67,10 +67,8 @@ class Evaluation:
                                               seed=config.seed, eval_dir=self.out)
     self.reference = reference.reference_statistics(
         ev, config.data, self.out, self.extractor, image_shape=self.settings.shape)
-    # clu imports TensorFlow (~5 s): only a running evaluation needs it.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    self.writer = metric_writers.create_default_writer(
-        self.out, just_logging=not self.is_chief)
+    self.writer = reporting.Writer(self.out, is_chief=self.is_chief,
+                                   wandb_config=config.wandb, job="evaluate")
 
   def evaluate(self, step: int | None = None) -> tuple[int, list[dict]]:
     """Sweeps eval.guidance_weights on checkpoint `step` (None: the latest).

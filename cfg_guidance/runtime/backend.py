@@ -182,3 +182,37 @@ def configure_cpu(backend: str | None = None) -> bool:
     return False
   logging.info("XLA:CPU computations run inline; their scratch memory stays mapped.")
   return True
+
+
+TF_EXTRA = "pip install 'cfg_guidance[tf]'"
+
+
+@functools.cache
+def tensorflow(purpose: str = "This"):
+  """TensorFlow (the `[tf]` extra), kept off the GPUs: JAX owns their memory.
+
+  Only TFDS data sets and the Inception extractor need it; everything else (digits, toy,
+  training, sampling, `load()`, TensorBoard files) runs without it.
+  """
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{purpose} needs TensorFlow, which is not installed: {TF_EXTRA}."
+                      ) from e
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TensorFlow already ran on its devices: too late to hide them.
+    logging.warning("TensorFlow's GPUs were initialised before cfg_guidance could hide "
+                    "them from it; it may hold GPU memory JAX needs.")
+  return tf
+
+
+def tensorflow_datasets(purpose: str = "This"):
+  """tensorflow_datasets (the `[tf]` extra), its TensorFlow kept off the GPUs."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{purpose} needs tensorflow-datasets, which is not installed: "
+                      f"{TF_EXTRA}.") from e
+  tensorflow(purpose)
+  return tfds
