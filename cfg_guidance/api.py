@@ -6,6 +6,8 @@
 `load` restores only what sampling needs: the EMA parameters and the config the run
 saved with them (no optimizer state, whatever optimizer trained it). `sample` gives the
 same images as `--mode=sample` for the same labels, weight, steps and seed.
+`load_classifier` restores classifier guidance's noisy classifier the same way
+(`--mode=train_classifier`'s run, WORKDIR/noisy_classifier by default).
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from cfg_guidance import config as config_lib
-from cfg_guidance import generate, images, state
+from cfg_guidance import generate, images, models, state
 from cfg_guidance.models import eps
 from cfg_guidance.runtime import checkpointing, sharding
 
@@ -85,6 +87,28 @@ def _checkpoint_location(path) -> tuple[epath.Path, int | None]:
                           "of its checkpoints (workdir/checkpoints/<step>).")
 
 
+def _restore(path, step, mesh, *, classifier: bool) -> dict:
+  """The fields of a Model or Classifier: a run's config and EMA parameters."""
+  workdir, named = _checkpoint_location(path)
+  if step is not None and named is not None and step != named:
+    raise ValueError(f"step={step} but path names checkpoint {named}: {path}.")
+  step = named if step is None else step
+  mesh = mesh or sharding.create_mesh()
+  ckpt = checkpointing.Checkpointer(workdir, create=False)
+  config = config_lib.from_dict(ckpt.read_config(step))
+  holds_classifier = models.is_classifier(config.model)
+  if holds_classifier != classifier:
+    kind, loader = (("a noisy classifier", "load_classifier") if holds_classifier
+                    else ("a diffusion model", "load"))
+    raise ValueError(f"{path} holds {kind} (config.model.name={config.model.name!r}): "
+                     f"load it with cfg_guidance.api.{loader}.")
+  step, params, saved = state.restore_ema(ckpt, config.model, config.sharding, mesh=mesh,
+                                          step=step)
+  config = config_lib.from_dict(saved)
+  return dict(config=config, step=step, path=ckpt.step_path(step),
+              graphdef=eps.graphdef(config.model), params=params, mesh=mesh)
+
+
 def load(path, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> Model:
   """Restores a run's EMA parameters and config for sampling.
 
@@ -96,15 +120,32 @@ def load(path, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
     mesh: where the parameters go (default: every device, one `data` axis); they are
       sharded as training shards them (config.sharding).
   """
-  workdir, named = _checkpoint_location(path)
-  if step is not None and named is not None and step != named:
-    raise ValueError(f"step={step} but path names checkpoint {named}: {path}.")
-  step = named if step is None else step
-  mesh = mesh or sharding.create_mesh()
-  ckpt = checkpointing.Checkpointer(workdir, create=False)
-  config = config_lib.from_dict(ckpt.read_config(step))
-  step, params, saved = state.restore_ema(ckpt, config.model, config.sharding, mesh=mesh,
-                                          step=step)
-  config = config_lib.from_dict(saved)
-  return Model(config=config, step=step, path=ckpt.step_path(step),
-               graphdef=eps.graphdef(config.model), params=params, mesh=mesh)
+  return Model(**_restore(path, step, mesh, classifier=False))
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A noisy classifier's parameters with its run's config (`classifier_run`'s)."""
+  config: ml_collections.ConfigDict
+  step: int
+  path: epath.Path
+  graphdef: nnx.GraphDef
+  params: Any  # Sharded over `mesh` (the run's EMA: the parameters when ema_decay = 0).
+  mesh: jax.sharding.Mesh
+
+  @property
+  def classifier_fn(self) -> jax.tree_util.Partial:
+    """`classifier_fn(z, logsnr) -> logits [N, num_classes]` (z: [N, H, W, C], logsnr:
+    [N] or scalar), for classifier guidance; the parameters are pytree leaves, so a
+    jitted sampler does not recompile for another checkpoint."""
+    return jax.tree_util.Partial(eps.make_logits_fn(self.graphdef), self.params)
+
+
+def load_classifier(path, step: int | None = None, *,
+                    mesh: jax.sharding.Mesh | None = None) -> Classifier:
+  """Restores a noisy classifier trained by --mode=train_classifier.
+
+  path: its run directory (config_lib.classifier_workdir: WORKDIR/noisy_classifier by
+  default) or one of its checkpoints; step and mesh as for `load`.
+  """
+  return Classifier(**_restore(path, step, mesh, classifier=True))

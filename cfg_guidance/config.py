@@ -3,7 +3,8 @@
 `configs/*.py` start from `get_config()` and override a few fields; `--config.X=V` on the
 command line overrides any of them. The model section is a preset from
 `cfg_guidance.models.presets`, whose fields each model declares once (`unet.UNetConfig`,
-`mlp.MLPConfig`); `use_model` installs one and ties the fields it shares with `data`.
+`mlp.MLPConfig`); `use_model` installs one and ties the fields it shares with `data`;
+`use_classifier` installs classifier guidance's noisy classifier (`config.classifier`).
 """
 
 import importlib.util
@@ -81,6 +82,22 @@ def get_config() -> ml_collections.ConfigDict:
   sharding.fsdp = False  # Shard parameters and optimizer state over `data` (else replicate).
   sharding.fsdp_min_size = 2**14  # Arrays smaller than this stay replicated under FSDP.
 
+  # Classifier guidance's noisy classifier p(c | z_λ) (ADM's; --mode=train_classifier):
+  # cross-entropy on z_λ = α x + σ ε of config.data at config.diffusion's training λ, in
+  # a training run of its own (checkpoints, resume, metrics) in classifier.workdir. It
+  # classifies config.model's inputs, so its image_size, channels and num_classes are
+  # config.model's (CLASSIFIER_SHARED_FIELDS; classifier_run builds the run's config).
+  config.classifier = classifier = ml_collections.ConfigDict()
+  use_classifier(config, presets.digits_classifier())  # classifier.model: encoder_unet.
+  classifier.workdir = FieldReference(None, field_type=str)  # None: WORKDIR/noisy_classifier
+  # config.train's fields, meaning the same, for the classifier's run (it writes no grids
+  # and runs nothing at its end). ADM's classifier: AdamW, weight decay 0.05, no EMA.
+  classifier.train = ml_collections.ConfigDict(
+      {k: v for k, v in train.items() if k not in _NOT_FOR_CLASSIFIER})
+  classifier.train.optimizer = "adamw"
+  classifier.train.weight_decay = 0.05
+  classifier.train.ema_decay = 0.0  # 0: the EMA is the parameters, which guidance uses.
+
   # The sampler of every job (--mode=sample, the sweep, the training grids): sampler, v,
   # eta and clip_x are read here only; each job sets its own number of steps.
   config.sample = sample = ml_collections.ConfigDict()  # --mode=sample
@@ -139,6 +156,18 @@ def get_config() -> ml_collections.ConfigDict:
   ev.grid_class = 0  # The one class on the right of each w's sample grid (Figs. 6/7).
   ev.grid_size = 6  # Each w's grid: grid_size² random-class samples, as many of grid_class.
 
+  # --mode=compare: each guidance rule swept over its strength with config.eval's
+  # samples, extractor and sampler, on one FID-vs-IS figure (Fig. 4 / Table 1's claim).
+  config.compare = cmp = ml_collections.ConfigDict()
+  cmp.rules = ("cfg", "classifier", "cfg_rescale", "apg", "autoguidance")
+  # The strength: w for cfg, cfg_rescale, apg and autoguidance (their parameters from
+  # sample.<rule>_<name>), the scale s for classifier guidance (at w = 0: ADM-G).
+  cmp.strengths = (0.0, 0.5, 1.0, 2.0, 4.0)
+  # Autoguidance's weak model: this run's checkpoint at this step; None: its earliest.
+  cmp.autoguidance_step = FieldReference(None, field_type=int)
+  cmp.autoguidance_workdir = FieldReference(None, field_type=str)  # Another run's, if set.
+  # Classifier guidance's noisy classifier: config.classifier's run (--mode=train_classifier).
+
   # Weights & Biases beside TensorBoard (training and evaluation; process 0). Needs
   # `pip install "cfg_guidance[wandb]"`; `wandb login` or $WANDB_API_KEY for online runs.
   config.wandb = wb = ml_collections.ConfigDict()
@@ -150,6 +179,41 @@ def get_config() -> ml_collections.ConfigDict:
   wb.tags = ()
   wb.mode = FieldReference(None, field_type=str)  # online | offline; None: $WANDB_MODE.
   return config
+
+
+# The noisy classifier's run directory inside WORKDIR when classifier.workdir is None.
+CLASSIFIER_WORKDIR = "noisy_classifier"
+# classifier.model's fields that are config.model's: the classifier sees the same z and
+# classes as the diffusion model it guides.
+CLASSIFIER_SHARED_FIELDS = ("num_classes", "image_size", "channels")
+# config.train's fields that the classifier's run has no use for.
+_NOT_FOR_CLASSIFIER = ("sample_every", "sample_at_end", "evaluate_at_end")
+
+
+def use_classifier(config: ml_collections.ConfigDict,
+                   model: ml_collections.ConfigDict) -> None:
+  """Makes `model` (a classifier preset) config.classifier.model, less the fields it
+  takes from config.model (CLASSIFIER_SHARED_FIELDS)."""
+  config.classifier.model = ml_collections.ConfigDict(
+      {k: v for k, v in model.items() if k not in CLASSIFIER_SHARED_FIELDS})
+
+
+def classifier_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The noisy classifier's run directory: classifier.workdir, or WORKDIR/noisy_classifier."""
+  return config.classifier.workdir or str(epath.Path(workdir) / CLASSIFIER_WORKDIR)
+
+
+def classifier_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The noisy classifier's training run as a config of its own (what its checkpoints
+  save): `config` with model = classifier.model plus config.model's shared fields, and
+  train = config.train updated by classifier.train, with no grids or end-of-run jobs."""
+  run = ml_collections.ConfigDict(config.to_dict())
+  run.model = ml_collections.ConfigDict(
+      {**config.classifier.model.to_dict(),
+       **{k: config.model[k] for k in CLASSIFIER_SHARED_FIELDS}})
+  run.train.update(config.classifier.train.to_dict())
+  run.train.sample_every, run.train.sample_at_end, run.train.evaluate_at_end = 0, False, False
+  return run
 
 
 def use_model(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
@@ -307,11 +371,20 @@ RULES = {
     "eval.num_steps": ints(1),
     "eval.seed": ints(0),
     "eval.step": ints(0, none=True),
+    "compare.rules": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                          and all(r in guidance.RULES for r in v) and len(set(v)) == len(v),
+                          f"a non-empty tuple of distinct rules from {tuple(guidance.RULES)}"),
+    "compare.strengths": WEIGHTS,
+    "compare.autoguidance_step": ints(0, none=True),
     "wandb.enabled": BOOL,
     "wandb.project": Rule(lambda v: isinstance(v, str) and bool(v), "a project name"),
     "wandb.mode": Rule(lambda v: v in (None, "online", "offline"),
                        "None, 'online' or 'offline'"),
 }
+RULES.update({f"classifier.{k}": r for k, r in RULES.items() if k.startswith("train.")
+              and k.removeprefix("train.") not in _NOT_FOR_CLASSIFIER})
+RULES["classifier.workdir"] = Rule(lambda v: v is None or (isinstance(v, str) and bool(v)),
+                                   "None or a directory")
 _SAMPLER_FIELDS = ("sample.sampler", "sample.grid", "sample.v", "sample.eta",
                    "sample.clip_x", "sample.lower_order_final", "sample.s_churn",
                    "sample.s_tmin", "sample.s_tmax", "sample.s_noise", "sample.guidance",
@@ -409,6 +482,25 @@ def check_train(config: ml_collections.ConfigDict, workdir: str,
   if t.sample_at_end:
     check_sample(config)
   check_workdir(workdir)
+
+
+def check_classifier(config: ml_collections.ConfigDict, workdir: str,
+                     num_devices: int | None = None) -> None:
+  """Everything --mode=train_classifier reads (check_train of classifier_run), before any
+  compute, naming config.classifier's fields. workdir: the classifier's run directory."""
+  check_common(config)
+  _require(config.model.name == "unet",
+           f"config.model.name={config.model.name!r}: the noisy classifier takes its input "
+           "shape and classes from an image model ('unet').")
+  name = config.classifier.model.get("name")
+  _require(name in models.CLASSIFIERS,
+           f"config.classifier.model.name={name!r} must be one of {models.CLASSIFIERS}.")
+  check_fields(config, "classifier")
+  try:
+    check_train(classifier_run(config), workdir, num_devices)
+  except ValueError as e:  # The run's config.model/train are config.classifier's.
+    message = str(e).replace("config.model", "config.classifier.model")
+    raise ValueError(message.replace("config.train", "config.classifier.train")) from None
 
 
 def check_sample(config: ml_collections.ConfigDict) -> None:

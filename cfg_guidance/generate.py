@@ -79,14 +79,19 @@ def settings_from_config(config, *, num_steps: int, batch_size: int | None = Non
   default = Settings(shape=(), null_label=0, num_steps=1)  # For fields an older run lacks.
   newer = {k: s.get(k, getattr(default, k)) for k in (
       "grid", "lower_order_final", "s_churn", "s_tmin", "s_tmax", "s_noise", "guidance")}
-  rule = guidance.RULES.get(newer["guidance"])
-  newer["guidance_params"] = {k: float(s.get(f"{newer['guidance']}_{k}", p.default))
-                              for k, p in (rule.params.items() if rule else ())}
+  newer["guidance_params"] = rule_params(s, newer["guidance"])
   return Settings(shape=fields.example_shape(), null_label=fields.num_classes,
                   num_steps=int(num_steps), sampler=s.sampler, clip_x=s.clip_x,
                   batch_size=int(batch_size or s.batch_size), v=float(s.v),
                   eta=float(s.eta), logsnr_min=float(config.diffusion.logsnr_min),
                   logsnr_max=float(config.diffusion.logsnr_max), **newer)
+
+
+def rule_params(sample_config, rule: str) -> dict[str, float]:
+  """Guidance rule `rule`'s parameters from the fields `sample.<rule>_<parameter>`."""
+  spec = guidance.RULES.get(rule)
+  return {k: float(sample_config.get(f"{rule}_{k}", p.default))
+          for k, p in (spec.params.items() if spec else ())}
 
 
 def root_key(seed: int, stream: int | None = None) -> np.ndarray:

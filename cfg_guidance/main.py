@@ -1,7 +1,8 @@
 """Command line: train, sample or evaluate a classifier-free guidance model.
 
   python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits \
-      [--mode=train|sample|evaluate] [--config.train.num_steps=100 ...]
+      [--mode=train|sample|evaluate|compare|train_classifier] \
+      [--config.train.num_steps=100 ...]
 
 or, installed, `cfg-guidance --config=... --workdir=...`. Orbax's and grain's INFO lines
 show with --verbosity=1.
@@ -17,7 +18,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+flags.DEFINE_enum("mode", "train",
+                  ["train", "sample", "evaluate", "compare", "train_classifier"],
+                  "What to run (compare: the guidance rules on one sweep; "
+                  "train_classifier: classifier guidance's noisy classifier, in "
+                  "config.classifier.workdir, default WORKDIR/noisy_classifier).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (found automatically "
                     "on Cloud TPU and under SLURM).")
@@ -111,7 +116,7 @@ def main(argv):
 
   # pylint: disable=g-import-not-at-top
   from cfg_guidance import samples, train
-  from cfg_guidance.evaluation import sweep
+  from cfg_guidance.evaluation import compare, sweep
   # pylint: enable=g-import-not-at-top
   if FLAGS.mode == "train":
     if config.train.evaluate_at_end:  # Its fields checked now, not after training.
@@ -124,6 +129,10 @@ def main(argv):
       sweep.run(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
     samples.run(config, FLAGS.workdir)
+  elif FLAGS.mode == "compare":
+    compare.run(config, FLAGS.workdir)
+  elif FLAGS.mode == "train_classifier":
+    train.run_classifier(config, FLAGS.workdir)
   else:
     sweep.run(config, FLAGS.workdir)
 

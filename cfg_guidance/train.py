@@ -2,7 +2,9 @@
 
 Randomness for step s is `fold_in(root, s)`, so a resumed run draws exactly what an
 uninterrupted one would. `run` trains (resuming from the workdir), logs metrics and
-writes EMA sample grids; `main` sequences the sampling and evaluation after it.
+writes EMA sample grids; `main` sequences the sampling and evaluation after it. The same
+loop trains classifier guidance's noisy classifier (`run_classifier`): only the loss
+differs, chosen by the model.
 """
 
 import functools
@@ -17,7 +19,7 @@ import numpy as np
 import optax
 
 from cfg_guidance import config as config_lib
-from cfg_guidance import diffusion, generate, images, state as state_lib
+from cfg_guidance import diffusion, generate, images, models, state as state_lib
 from cfg_guidance.data import pipeline
 from cfg_guidance.models import eps
 from cfg_guidance.runtime import backend, checkpointing, preemption, reporting, sharding
@@ -48,30 +50,52 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
   return optax.chain(clip, opt)
 
 
-def loss_fn(params, graphdef, batch, rng, *, diffusion_config, null_label):
-  """Eq. 5 with Algorithm 1's label dropout. batch: image [B, ...], label [B]."""
+def _noisy(x, k_logsnr, k_eps, diffusion_config):
+  """(z_λ, ε, λ) with λ from the training distribution p(λ) and z_λ = α x + σ ε."""
+  logsnr = diffusion.sample_logsnr(k_logsnr, x.shape[:1], diffusion_config["logsnr_min"],
+                                   diffusion_config["logsnr_max"])
+  noise = jax.random.normal(k_eps, x.shape, x.dtype)
+  return diffusion.diffuse(x, noise, logsnr), noise, logsnr
+
+
+def diffusion_loss(params, graphdef, batch, rng, *, diffusion_config, null_label):
+  """Eq. 5 with Algorithm 1's label dropout: (loss, {}). batch: image [B, ...], label [B]."""
   x, labels = batch["image"], batch["label"]
   k_uncond, k_logsnr, k_eps, k_dropout = jax.random.split(rng, 4)
   drop = jax.random.bernoulli(k_uncond, diffusion_config["p_uncond"], labels.shape)
   labels = jnp.where(drop, null_label, labels)
-  logsnr = diffusion.sample_logsnr(k_logsnr, labels.shape, diffusion_config["logsnr_min"],
-                                   diffusion_config["logsnr_max"])
-  noise = jax.random.normal(k_eps, x.shape, x.dtype)
-  z = diffusion.diffuse(x, noise, logsnr)
+  z, noise, logsnr = _noisy(x, k_logsnr, k_eps, diffusion_config)
   output = eps.apply(graphdef, params, z, logsnr, labels, train=True,
                      dropout_rng=k_dropout)
   if diffusion_config["parameterization"] == "v":
     target = diffusion.v_target(x, noise, logsnr)
   else:
     target = noise
-  return jnp.mean(diffusion.eps_loss(output, target))
+  return jnp.mean(diffusion.eps_loss(output, target)), {}
+
+
+def classifier_loss(params, graphdef, batch, rng, *, diffusion_config, null_label):
+  """ADM's noisy classifier: cross-entropy of p(c | z_λ) at the diffusion model's
+  training λ, labels never dropped: (loss, {"accuracy": ...})."""
+  del null_label
+  x, labels = batch["image"], batch["label"]
+  k_logsnr, k_eps, k_dropout = jax.random.split(rng, 3)
+  z, _, logsnr = _noisy(x, k_logsnr, k_eps, diffusion_config)
+  logits = eps.apply(graphdef, params, z, logsnr, train=True, dropout_rng=k_dropout)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+  return jnp.mean(loss), {"accuracy": accuracy}
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_config,
-               null_label, ema_decay, ema_warmup=False) -> tuple[TrainState, dict]:
-  """One optimizer step. A non-finite loss or gradient leaves params and EMA unchanged."""
+               null_label, ema_decay, ema_warmup=False,
+               loss_fn=diffusion_loss) -> tuple[TrainState, dict]:
+  """One optimizer step. A non-finite loss or gradient leaves params and EMA unchanged.
+
+  loss_fn: diffusion_loss or classifier_loss, `(loss, metrics)`; its metrics are logged.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
-  loss, grads = jax.value_and_grad(loss_fn)(
+  (loss, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, graphdef, batch, step_rng, diffusion_config=diffusion_config,
       null_label=null_label)
   grad_norm = optax.global_norm(grads)
@@ -92,7 +116,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, rng, diffusion_c
       num_nonfinite=state.num_nonfinite + skipped,
       consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped)
   metrics = {"loss": jnp.where(finite, loss, jnp.nan), "grad_norm": grad_norm,
-             "skipped": skipped, "consecutive_nonfinite": new_state.consecutive_nonfinite}
+             "skipped": skipped, "consecutive_nonfinite": new_state.consecutive_nonfinite,
+             **loss_metrics}
   return new_state, metrics
 
 
@@ -116,7 +141,8 @@ def make_train_fn(config, graphdef, tx, state_shardings, mesh):
       multi_step, graphdef=graphdef, tx=tx,
       rng=jax.random.fold_in(jax.random.key(config.seed), 1),
       diffusion_config=dict(config.diffusion), null_label=config.model.num_classes,
-      ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup)
+      ema_decay=config.train.ema_decay, ema_warmup=config.train.ema_warmup,
+      loss_fn=classifier_loss if models.is_classifier(config.model) else diffusion_loss)
   batch_sharding = sharding.data_sharding(mesh, leading_axes=1)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -183,6 +209,19 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         writer.close()
     ckpt.check_for_errors()
   return state
+
+
+def run_classifier(config: ml_collections.ConfigDict, workdir: str,
+                   mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """--mode=train_classifier: trains config.classifier's noisy classifier with `run`.
+
+  Its run (config_lib.classifier_run) lives in config_lib.classifier_workdir(config,
+  workdir), WORKDIR/noisy_classifier by default, and resumes from there.
+  """
+  mesh = mesh or sharding.create_mesh()
+  where = config_lib.classifier_workdir(config, workdir)
+  config_lib.check_classifier(config, where, num_devices=mesh.size)
+  return run(config_lib.classifier_run(config), where, mesh)
 
 
 def _check_resumable(config, ckpt: checkpointing.Checkpointer) -> None:
@@ -282,11 +321,11 @@ def _check_finite(metrics: dict | None, step: int, limit: int, ckpt) -> None:
 
 
 def _summarize(history: list[dict]) -> dict:
-  """Means over the logging window of per-step metrics ([k] arrays each dispatch)."""
-  loss = np.concatenate([np.atleast_1d(h["loss"]) for h in history])
-  grad_norm = np.concatenate([np.atleast_1d(h["grad_norm"]) for h in history])
-  skipped = np.concatenate([np.atleast_1d(h["skipped"]) for h in history])
-  finite = np.isfinite(loss)
-  return {"loss": float(loss[finite].mean()) if finite.any() else float("nan"),
-          "grad_norm": float(grad_norm[finite].mean()) if finite.any() else float("nan"),
-          "skipped_updates": int(skipped.sum())}
+  """Means over the logging window of per-step metrics ([k] arrays each dispatch): of
+  the steps with a finite loss for loss, grad_norm and the loss's own metrics."""
+  stacked = {k: np.concatenate([np.atleast_1d(h[k]) for h in history]) for k in history[0]}
+  skipped, _ = stacked.pop("skipped"), stacked.pop("consecutive_nonfinite")
+  finite = np.isfinite(stacked["loss"])
+  scalars = {k: float(v[finite].mean()) if finite.any() else float("nan")
+             for k, v in stacked.items()}
+  return {**scalars, "skipped_updates": int(skipped.sum())}

@@ -1,6 +1,12 @@
 """The embedded default: scikit-learn's 8×8 digits, trained on a laptop CPU in minutes.
 
   python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits
+
+Classifier guidance's noisy classifier, into /tmp/cfg_digits/noisy_classifier (about two
+minutes on 2 cores; longer with --config.classifier.train.num_steps=...):
+
+  python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits \
+      --mode=train_classifier
 """
 
 from cfg_guidance import config as config_lib
@@ -34,4 +40,12 @@ def get_config():
   config.eval.guidance_weights = (0.0, 0.5, 1.0, 2.0, 4.0)
   config.eval.num_samples = 500
   config.eval.num_steps = 64
+  config_lib.use_classifier(config, presets.digits_classifier())
+  c = config.classifier.train
+  c.num_steps = 1500
+  c.batch_size = 64
+  c.learning_rate = 2e-3
+  c.warmup_steps = 100
+  c.log_every = 100
+  c.checkpoint_every = 500
   return config

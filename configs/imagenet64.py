@@ -17,6 +17,13 @@ settings depart from ADM or the paper:
     to [-1, 1] (sample.clip_x = "static", as ADM's clip_denoised); ADM returns its last
     posterior mean instead.
 data.random_flip = True is ADM's (load_data(random_flip=True)); the paper is silent.
+
+Classifier guidance's noisy classifier (--mode=train_classifier, into
+WORKDIR/noisy_classifier) is ADM's 64×64 one (classifier_width 128, depth 4, attention at
+32, 16, 8, attention pooling), trained with the classifier flags ADM publishes (for its
+128×128 classifier: batch 256, AdamW 3e-4, weight decay 0.05, 300k steps, no EMA). ADM
+anneals that rate linearly to 0 (anneal_lr) and crops at random; here the rate is
+constant after the diffusion model's warm-up, and images are flipped, not cropped.
 """
 
 from cfg_guidance import config as config_lib
@@ -50,4 +57,15 @@ def get_config(p_uncond: str = "0.1"):
   config.sample.classes = None
   config.eval.num_steps = 256
   config.eval.num_samples = 50_000
+  config_lib.use_classifier(config, presets.imagenet64_classifier())
+  c = config.classifier.train
+  c.num_steps = 300_000
+  c.batch_size = 256
+  c.optimizer = "adamw"
+  c.learning_rate = 3e-4
+  c.weight_decay = 0.05
+  c.warmup_steps = 1000
+  c.ema_decay = 0.0
+  c.log_every = 100
+  c.checkpoint_every = 10_000
   return config

@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import struct
+import time
 
 from absl import logging
 import numpy as np
@@ -100,14 +101,36 @@ def test_bad_images_name_the_image(tmp_path):
 
 
 def _wandb_records(run_dir):
-  """The records of an offline run's .wandb file, parsed with wandb's own protobuf.
+  """The records of the offline run's .wandb file, parsed with wandb's own protobuf.
 
   The file is a 7-byte W&B header, then LevelDB's log format: 32 KiB blocks of records
   (crc32c: 4 bytes, length: 2, type: 1 FULL / 2 FIRST / 3 MIDDLE / 4 LAST, then data).
   """
-  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
   (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))
-  data = open(path, "rb").read()
+  return _wandb_file_records(path)
+
+
+def _finished(records):
+  return any(r.WhichOneof("record_type") == "exit" for r in records)
+
+
+def _wandb_file_records(path, timeout=60.0):
+  """wandb-core (a separate process) may still be writing when `finish()` returns: reads
+  until the run's exit record is there."""
+  deadline = time.monotonic() + timeout
+  while True:
+    records = _parse_wandb_file(path)
+    if _finished(records) or time.monotonic() > deadline:
+      return records
+    time.sleep(0.2)
+
+
+def _parse_wandb_file(path):
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    data = f.read()
+  if len(data) < 7:
+    return []
   assert data[1:4] == b"W&B"
   pos, block, records, parts = 7, 32768, [], []
   while pos + 7 <= len(data):
@@ -115,7 +138,7 @@ def _wandb_records(run_dir):
       pos += block - pos % block
       continue
     _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-    if kind == 0:
+    if kind == 0 or pos + 7 + length > len(data):  # The end, or a record half written.
       break
     parts.append(data[pos + 7:pos + 7 + length])
     pos += 7 + length
@@ -147,9 +170,12 @@ def test_wandb_offline_gets_the_same_scalars_images_and_config(tmp_path, picture
   config_items = {_key(i): json.loads(i.value_json) for r in records
                   if r.WhichOneof("record_type") == "config" for i in r.config.update}
   assert config_items["train.batch_size"] == 16
-  (png,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" /
-                         "images" / "ema_samples_8_*.png"))
-  np.testing.assert_array_equal(np.asarray(Image.open(png).convert("L")), picture[..., 0])
+  # The image as W&B stored it: the PNG its history row names, in the run's files.
+  ((_, row),) = [(step, h) for step, h in history if "ema_samples/filenames" in h]
+  (name,) = row["ema_samples/filenames"]
+  (files_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files"))
+  with Image.open(f"{files_dir}/{name}") as png:
+    np.testing.assert_array_equal(np.asarray(png.convert("L")), picture[..., 0])
 
 
 def test_a_second_run_in_the_same_directory_resumes_its_wandb_run(tmp_path, monkeypatch):
@@ -160,8 +186,10 @@ def test_a_second_run_in_the_same_directory_resumes_its_wandb_run(tmp_path, monk
   first = (tmp_path / "wandb_train_id.txt").read_text()
   reporting.Writer(tmp_path, wandb_config=config, job="train").close()
   assert (tmp_path / "wandb_train_id.txt").read_text() == first
-  runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
-  assert runs and all(run.endswith(f"-{first}") for run in runs), (first, runs)
+  ids = [r.run.run_id for path in glob.glob(str(tmp_path / "wandb" / "offline-run-*" /
+                                                "*.wandb"))
+         for r in _wandb_file_records(path) if r.WhichOneof("record_type") == "run"]
+  assert ids == [first, first]
 
 
 def test_enabled_wandb_without_the_package_fails_naming_the_field(monkeypatch):

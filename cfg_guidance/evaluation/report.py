@@ -178,7 +178,7 @@ def _columns(records: list[dict]) -> list[str]:
   return [key for key, _ in METRICS if key in records[0]]
 
 
-def _cell(record: dict, key: str) -> str:
+def format_cell(record: dict, key: str) -> str:
   value = record[key]
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "–"
@@ -196,7 +196,7 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
   lines = ["| " + " | ".join(header) + " |",
            "|" + "|".join([":--"] + ["--:"] * len(columns)) + "|"]
   for r in records:
-    lines.append("| " + " | ".join([f"w = {r['w']:g}"] + [_cell(r, c) for c in columns])
+    lines.append("| " + " | ".join([f"w = {r['w']:g}"] + [format_cell(r, c) for c in columns])
                  + " |")
   if metadata["sampler"] == "ancestral":
     sampler = f"ancestral sampler, T = {metadata['num_steps']}, v = {metadata['v']:g}"
@@ -212,7 +212,7 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
   return "\n".join(lines) + f"\n\n{caption}.\n"
 
 
-def _png(figure) -> bytes:
+def figure_png(figure) -> bytes:
   # The Agg canvas directly, so a user's interactive pyplot backend is left alone.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(figure)
@@ -237,7 +237,7 @@ def plot_fid_vs_is(metadata: dict, records: list[dict]) -> bytes:
   ax.set_ylabel(labels["fid"])
   ax.set_title(f"Step {metadata['step']}")
   ax.grid(alpha=0.3)
-  return _png(fig)
+  return figure_png(fig)
 
 
 def plot_metrics_vs_w(metadata: dict, records: list[dict]) -> bytes:
@@ -259,7 +259,7 @@ def plot_metrics_vs_w(metadata: dict, records: list[dict]) -> bytes:
     ax.set_title(labels[key], fontsize=9)
     ax.grid(alpha=0.3)
   fig.suptitle(f"Step {metadata['step']}")
-  return _png(fig)
+  return figure_png(fig)
 
 
 def sample_grid(left: np.ndarray, right: np.ndarray, num_cols: int) -> np.ndarray:

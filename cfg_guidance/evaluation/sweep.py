@@ -94,10 +94,12 @@ class Evaluation:
     distributed.barrier(f"evaluate step {model.step}")  # Process 0 has written.
     return model.step, records
 
-  def weight_metrics(self, eps_fn, w: float, settings: generate.Settings | None = None
-                     ) -> dict | None:
+  def weight_metrics(self, eps_fn, w: float, settings: generate.Settings | None = None,
+                     *, progress: str | None = None, **networks) -> dict | None:
     """The metrics of eval.num_samples samples at weight w, streamed through the
-    extractor; None off process 0. `settings`: another sampler (default: the sweep's)."""
+    extractor; None off process 0. `settings`: another sampler (default: the sweep's);
+    `networks`: a guidance rule's second network (generate.batches' negative_eps_fn or
+    classifier_fn)."""
     ev, num_classes = self.config.eval, self.config.model.num_classes
     with_spatial = reference.spatial_dim(self.extractor) is not None  # sFID.
     stats = report.SweepStats(
@@ -107,7 +109,7 @@ class Evaluation:
     labels = np.arange(ev.num_samples) % num_classes
     for batch in generate.batches(eps_fn, labels, w, settings=settings or self.settings,
                                   seed=ev.seed, mesh=self.mesh,
-                                  progress=f"evaluating w={w:g}"):
+                                  progress=progress or f"evaluating w={w:g}", **networks):
       x = images.to_uint8(batch.samples)
       outputs = self.extractor(x, spatial=True) if with_spatial else self.extractor(x)
       indices, valid, *outputs = distributed.gather(batch.indices, batch.valid, *outputs)

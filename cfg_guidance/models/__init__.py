@@ -1,7 +1,9 @@
-"""ε-prediction networks: `create(model_config, *, rngs)` builds the one the config names.
+"""The networks: `create(model_config, *, rngs)` builds the one the config names.
 
-Each model declares its fields once, as a dataclass (`unet.UNetConfig`, `mlp.MLPConfig`):
-the presets, the validation and the constructor all read that declaration.
+ε-prediction networks (the U-Net, the toy MLP) and the noisy classifier of classifier
+guidance (`encoder.EncoderUNet`). Each model declares its fields once, as a dataclass
+(`unet.UNetConfig`, `mlp.MLPConfig`, `encoder.EncoderUNetConfig`): the presets, the
+validation and the constructor all read that declaration.
 """
 
 import dataclasses
@@ -10,11 +12,15 @@ import typing
 
 from flax import nnx
 
+from cfg_guidance.models import encoder
 from cfg_guidance.models import mlp
 from cfg_guidance.models import unet
 
 # Config `name` -> (module class, its field declaration).
-MODELS = {"unet": (unet.UNet, unet.UNetConfig), "mlp": (mlp.MLP, mlp.MLPConfig)}
+MODELS = {"unet": (unet.UNet, unet.UNetConfig), "mlp": (mlp.MLP, mlp.MLPConfig),
+          "encoder_unet": (encoder.EncoderUNet, encoder.EncoderUNetConfig)}
+# Models of p(c | z_λ), called as model(z, logsnr) -> logits: trained with cross-entropy.
+CLASSIFIERS = ("encoder_unet",)
 
 
 def _check_type(name, value, annotation):
@@ -64,15 +70,21 @@ def parse_config(model_config):
 
 def to_config_dict(fields) -> dict:
   """A field declaration as `config.model`'s dict: {"name": ..., **fields}."""
-  name, = [n for n, (_, d) in MODELS.items() if isinstance(fields, d)]
+  name, = [n for n, (_, d) in MODELS.items() if type(fields) is d]
   return {"name": name, **dataclasses.asdict(fields)}
+
+
+def is_classifier(model_config) -> bool:
+  """Whether config.model is a noisy classifier (CLASSIFIERS) rather than an ε-network."""
+  return model_config["name"] in CLASSIFIERS
 
 
 def create(model_config, *, rngs: nnx.Rngs) -> nnx.Module:
   """Builds the configured model with parameters initialised inside one jit.
 
-  model_config: ConfigDict or dict with `name` ("unet" | "mlp") and that model's
-  fields. The model is called as `model(z, logsnr, labels, *, train, rngs) -> eps`.
+  model_config: ConfigDict or dict with `name` (a key of MODELS) and that model's
+  fields. An ε-network is called as `model(z, logsnr, labels, *, train, rngs) -> eps`, a
+  classifier (CLASSIFIERS) as `model(z, logsnr, *, train, rngs) -> logits`.
   """
   cls, fields = parse_config(model_config)
   return _jitted_init(cls, fields)(rngs)

@@ -1,8 +1,9 @@
 """From network to ε: the graph definition, applying parameters, the output's meaning.
 
 The network predicts ε (the paper) or v (Salimans & Ho 2022, `diffusion.parameterization`);
-samplers always receive ε. Parameters are plain nested dicts outside every jit boundary,
-so Orbax and shardings see arrays and the graph definition stays static.
+samplers always receive ε. A noisy classifier's output is its logits (`make_logits_fn`).
+Parameters are plain nested dicts outside every jit boundary, so Orbax and shardings see
+arrays and the graph definition stays static.
 """
 
 import functools
@@ -35,13 +36,13 @@ def init_params(model_config, rng: jax.Array) -> Any:
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def apply(graphdef: nnx.GraphDef, params: Any, z: jax.Array, logsnr: jax.Array,
-          labels: jax.Array, *, train: bool = False,
+def apply(graphdef: nnx.GraphDef, params: Any, *inputs: jax.Array, train: bool = False,
           dropout_rng: jax.Array | None = None) -> jax.Array:
-  """The network's raw output (ε or v, per the parameterization)."""
+  """The network's raw output on `inputs`: (z, logsnr, labels) -> ε or v (per the
+  parameterization); for a classifier, (z, logsnr) -> logits."""
   model = nnx.merge(graphdef, params)
   rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
-  return model(z, logsnr, labels, train=train, rngs=rngs)
+  return model(*inputs, train=train, rngs=rngs)
 
 
 def output_to_eps(output, z, logsnr, parameterization: str):
@@ -67,3 +68,14 @@ def make_eps_fn(graphdef: nnx.GraphDef, parameterization: str) -> Callable:
                          parameterization)
 
   return eps_fn
+
+
+@functools.cache
+def make_logits_fn(graphdef: nnx.GraphDef) -> Callable:
+  """A classifier's `logits_fn(params, z, logsnr) -> logits [N, num_classes]`; bind
+  params with `jax.tree_util.Partial` (one function per graphdef, as make_eps_fn)."""
+
+  def logits_fn(params, z, logsnr):
+    return apply(graphdef, params, z, logsnr)
+
+  return logits_fn

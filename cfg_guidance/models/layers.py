@@ -256,17 +256,24 @@ class ClassEmbedding(nnx.Module):
                     fill_value=jnp.nan)
 
 
+def broadcast_logsnr(z, logsnr):
+  """logsnr as float32 [N] for z: [N, ...]; a scalar broadcasts."""
+  n = z.shape[0]
+  logsnr = jnp.asarray(logsnr, jnp.float32)
+  if logsnr.ndim == 0:
+    logsnr = jnp.full((n,), logsnr)
+  if logsnr.shape != (n,):
+    raise ValueError(f"logsnr must be a scalar or have shape [{n}]; got {logsnr.shape}.")
+  return logsnr
+
+
 def broadcast_inputs(z, logsnr, labels):
   """Checks batch shapes; a scalar logsnr (or label) broadcasts to [N]."""
   n = z.shape[0]
-  logsnr = jnp.asarray(logsnr, jnp.float32)
+  logsnr = broadcast_logsnr(z, logsnr)
   labels = jnp.asarray(labels)
-  if logsnr.ndim == 0:
-    logsnr = jnp.full((n,), logsnr)
   if labels.ndim == 0:
     labels = jnp.full((n,), labels)
-  if logsnr.shape != (n,):
-    raise ValueError(f"logsnr must be a scalar or have shape [{n}]; got {logsnr.shape}.")
   if labels.shape != (n,):
     raise ValueError(f"labels must have shape [{n}]; got {labels.shape}.")
   if not jnp.issubdtype(labels.dtype, jnp.integer):

@@ -8,7 +8,7 @@ field is present, with the declaration's defaults where the preset says nothing.
 import ml_collections
 
 from cfg_guidance import models
-from cfg_guidance.models import mlp, unet
+from cfg_guidance.models import encoder, mlp, unet
 
 
 def _section(fields) -> ml_collections.ConfigDict:
@@ -56,6 +56,21 @@ def digits() -> ml_collections.ConfigDict:
                                   base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                   attention_resolutions=(4,), num_heads=-1,
                                   num_head_channels=32, num_groups=8, dropout=0.1))
+
+
+def imagenet64_classifier() -> ml_collections.ConfigDict:
+  """ADM's ImageNet 64×64 noisy classifier, 65,438,568 parameters (guided-diffusion's
+  README: classifier_width 128, classifier_depth 4, attention at 32, 16, 8, attention
+  pooling, 64-channel heads, scale-shift norm, BigGAN down-sampling)."""
+  return _section(encoder.EncoderUNetConfig(dtype="bfloat16"))
+
+
+def digits_classifier() -> ml_collections.ConfigDict:
+  """A noisy classifier for the 8×8 digits: the digits U-Net's encoder half (C = 32)."""
+  return _section(encoder.EncoderUNetConfig(
+      num_classes=10, image_size=8, channels=1, base_channels=32, channel_mult=(1, 2),
+      num_res_blocks=1, attention_resolutions=(4,), num_heads=-1, num_head_channels=32,
+      num_groups=8))
 
 
 def toy_mlp() -> ml_collections.ConfigDict:

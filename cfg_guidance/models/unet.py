@@ -5,6 +5,7 @@ no learned variance; the class table has an extra null row ∅ for classifier-fr
 """
 
 import dataclasses
+from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -74,7 +75,7 @@ def _check_attention_impl(impl):
                      f"{ATTENTION_IMPLS}.")
 
 
-def _einsum_attention(q, k, v, dtype):
+def einsum_attention(q, k, v, dtype):
   """softmax(q kᵀ/√d) v; q, k, v: [N, tokens, heads, d] -> same, logits in float32."""
   head_dim = q.shape[-1]
   # Heads go first ([N, heads, tokens, d]) so each einsum is a plain batched matmul; with
@@ -117,7 +118,7 @@ class AttentionBlock(nnx.Module):
     q, k, v = (a.reshape(n, hgt * wid, self.num_heads, c // self.num_heads)
                for a in jnp.split(qkv, 3, axis=-1))
     if self.impl == "einsum":
-      out = _einsum_attention(q, k, v, self.dtype)
+      out = einsum_attention(q, k, v, self.dtype)
     else:
       if self.impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(
@@ -170,6 +171,21 @@ class Block(nnx.Module):
 
 def _call_block(block, x, emb, key):
   return block(x, emb, key)
+
+
+def block_calls(model, train, rngs, num_blocks):
+  """(apply, keys): `apply(block, h, emb, key)` (rematerialised if `model.remat`) and
+  each of `num_blocks` blocks' dropout key (None when dropout is off)."""
+  key = layers.dropout_key(train, model.dropout, rngs)
+  keys = [None if key is None else jax.random.fold_in(key, i) for i in range(num_blocks)]
+  return (nnx.remat(_call_block) if model.remat else _call_block), keys
+
+
+def check_z(z, example_shape):
+  """Raises ValueError unless z is [N, *example_shape]."""
+  if z.ndim != 4 or z.shape[1:] != tuple(example_shape):
+    raise ValueError(f"z must have shape [N, {', '.join(map(str, example_shape))}]; got "
+                     f"{z.shape}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,77 +265,107 @@ class UNetConfig:
     return heads
 
 
+class BlockMaker:
+  """The configured blocks of an ADM network: ResBlocks, attention, down/up-sampling.
+
+  Validates `config` (a UNetConfig or a subclass) once; embeddings are 4C wide.
+  """
+
+  def __init__(self, config: UNetConfig):
+    self.config = config
+    self.heads = config.validate()
+    self.dtype = layers.parse_dtype(config.dtype)
+    self.emb_dim = 4 * config.base_channels
+
+  def res(self, cin, cout, resample=None):
+    c = self.config
+    return ResBlock(cin, cout, self.emb_dim, dropout=c.dropout, num_groups=c.num_groups,
+                    resample=resample, dtype=self.dtype)
+
+  def attn(self, ch):
+    return AttentionBlock(ch, self.heads[ch], num_groups=self.config.num_groups,
+                          impl=self.config.attention_impl, dtype=self.dtype)
+
+  def down(self, ch):
+    return (self.res(ch, ch, "down") if self.config.resblock_updown
+            else Downsample(ch, dtype=self.dtype))
+
+  def up(self, ch):
+    return (self.res(ch, ch, "up") if self.config.resblock_updown
+            else Upsample(ch, dtype=self.dtype))
+
+
+class EncoderHalf(NamedTuple):
+  """ADM's input half and middle block, with the widths the decoder needs."""
+  conv_in: layers.Conv
+  encoder: nnx.List  # Blocks, each ResBlock (+ attention) or a down-sampling block.
+  middle: Block  # ResBlock, attention, ResBlock.
+  skip_channels: tuple[int, ...]  # Width of conv_in's output, then of each block's.
+  channels: int  # Width at the bottom.
+  resolution: int  # Side length at the bottom.
+
+
+def encoder_half(config: UNetConfig, make: BlockMaker) -> EncoderHalf:
+  """conv, then per level num_res_blocks ResBlocks (+ attention at the listed
+  resolutions) and a down-sampling block (none after the last); then the middle block."""
+  base_channels, resolution = config.base_channels, config.image_size
+  ch = base_channels * config.channel_mult[0]
+  conv_in = layers.Conv(config.channels, ch, 3, dtype=make.dtype)
+  skip_channels = [ch]
+  encoder = []
+  for level, mult in enumerate(config.channel_mult):
+    for _ in range(config.num_res_blocks):
+      block = [make.res(ch, base_channels * mult)]
+      ch = base_channels * mult
+      if resolution in config.attention_resolutions:
+        block.append(make.attn(ch))
+      encoder.append(Block(*block))
+      skip_channels.append(ch)
+    if level != len(config.channel_mult) - 1:
+      encoder.append(Block(make.down(ch)))
+      skip_channels.append(ch)
+      resolution //= 2
+  middle = Block(make.res(ch, ch), make.attn(ch), make.res(ch, ch))
+  return EncoderHalf(conv_in, nnx.List(encoder), middle, tuple(skip_channels), ch,
+                     resolution)
+
+
 class UNet(nnx.Module):
   """ADM U-Net. __call__(z, logsnr, labels) -> eps, z: [N, H, W, C], eps float32 alike.
 
-  Encoder: conv, then per level num_res_blocks ResBlocks (+ attention at the listed
-  resolutions) and a down-sampling block; middle: ResBlock, attention, ResBlock;
-  decoder: per level num_res_blocks + 1 ResBlocks on [h, skip] concatenations (+
-  attention) and an up-sampling block; out: GN, SiLU, zero-initialised conv.
+  `encoder_half`, then the decoder: per level num_res_blocks + 1 ResBlocks on [h, skip]
+  concatenations (+ attention) and an up-sampling block; out: GN, SiLU, zero-initialised
+  conv.
   """
 
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
-    heads = config.validate()
-    dtype = layers.parse_dtype(config.dtype)
+    make = BlockMaker(config)
     self.image_size, self.channels = config.image_size, config.channels
     self.num_classes, self.dropout, self.remat = config.num_classes, config.dropout, config.remat
-    self.dtype = dtype
+    self.dtype = make.dtype
     base_channels, channel_mult = config.base_channels, config.channel_mult
-    num_res_blocks, num_groups = config.num_res_blocks, config.num_groups
-    attention_resolutions, image_size = config.attention_resolutions, config.image_size
+    num_res_blocks = config.num_res_blocks
 
-    emb_dim = 4 * base_channels
-    self.noise_embed = layers.NoiseEmbedding(base_channels, emb_dim)
-    self.class_embed = layers.ClassEmbedding(config.num_classes, emb_dim)
-
-    def res(cin, cout, resample=None):
-      return ResBlock(cin, cout, emb_dim, dropout=config.dropout, num_groups=num_groups,
-                      resample=resample, dtype=dtype)
-
-    def attn(ch):
-      return AttentionBlock(ch, heads[ch], num_groups=num_groups, impl=config.attention_impl,
-                            dtype=dtype)
-
-    def down(ch):
-      return res(ch, ch, "down") if config.resblock_updown else Downsample(ch, dtype=dtype)
-
-    def up(ch):
-      return res(ch, ch, "up") if config.resblock_updown else Upsample(ch, dtype=dtype)
-
-    ch = base_channels * channel_mult[0]
-    self.conv_in = layers.Conv(config.channels, ch, 3, dtype=dtype)
-    skip_channels = [ch]
-    resolution = image_size
-    encoder = []
-    for level, mult in enumerate(channel_mult):
-      for _ in range(num_res_blocks):
-        block = [res(ch, base_channels * mult)]
-        ch = base_channels * mult
-        if resolution in attention_resolutions:
-          block.append(attn(ch))
-        encoder.append(Block(*block))
-        skip_channels.append(ch)
-      if level != len(channel_mult) - 1:
-        encoder.append(Block(down(ch)))
-        skip_channels.append(ch)
-        resolution //= 2
-    self.encoder = nnx.List(encoder)
-    self.middle = Block(res(ch, ch), attn(ch), res(ch, ch))
+    self.noise_embed = layers.NoiseEmbedding(base_channels, make.emb_dim)
+    self.class_embed = layers.ClassEmbedding(config.num_classes, make.emb_dim)
+    half = encoder_half(config, make)
+    self.conv_in, self.encoder, self.middle = half.conv_in, half.encoder, half.middle
+    skip_channels, ch, resolution = list(half.skip_channels), half.channels, half.resolution
 
     decoder = []
     for level, mult in reversed(list(enumerate(channel_mult))):
       for i in range(num_res_blocks + 1):
-        block = [res(ch + skip_channels.pop(), base_channels * mult)]
+        block = [make.res(ch + skip_channels.pop(), base_channels * mult)]
         ch = base_channels * mult
-        if resolution in attention_resolutions:
-          block.append(attn(ch))
+        if resolution in config.attention_resolutions:
+          block.append(make.attn(ch))
         if level and i == num_res_blocks:
-          block.append(up(ch))
+          block.append(make.up(ch))
           resolution *= 2
         decoder.append(Block(*block))
     self.decoder = nnx.List(decoder)
     # ADM runs the output head in float32 (its h.type(x.dtype) before self.out).
-    self.norm_out = layers.GroupNorm(ch, num_groups, dtype=jnp.float32)
+    self.norm_out = layers.GroupNorm(ch, config.num_groups, dtype=jnp.float32)
     self.conv_out = layers.Conv(ch, config.channels, 3, zero_init=True)
     layers.initialize(self, rngs)
 
@@ -329,17 +375,10 @@ class UNet(nnx.Module):
     With train=True and dropout > 0, dropout keys come from `rngs.dropout()`.
     Returns eps: [N, H, W, C] float32.
     """
-    expected = (self.image_size, self.image_size, self.channels)
-    if z.ndim != 4 or z.shape[1:] != expected:
-      raise ValueError(f"z must have shape [N, {', '.join(map(str, expected))}]; got "
-                       f"{z.shape}.")
+    check_z(z, (self.image_size, self.image_size, self.channels))
     logsnr, labels = layers.broadcast_inputs(z, logsnr, labels)
-    key = layers.dropout_key(train, self.dropout, rngs)
     emb = self.noise_embed(logsnr) + self.class_embed(labels)
-    apply = nnx.remat(_call_block) if self.remat else _call_block
-    num_blocks = len(self.encoder) + 1 + len(self.decoder)
-    keys = [None if key is None else jax.random.fold_in(key, i)
-            for i in range(num_blocks)]
+    apply, keys = block_calls(self, train, rngs, len(self.encoder) + 1 + len(self.decoder))
 
     h = self.conv_in(z)
     skips = [h]
