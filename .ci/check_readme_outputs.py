@@ -51,6 +51,20 @@ def main(out):
   for name in ("results.md", "results.csv", "fid_vs_is.png"):
     check((digits / "eval" / "3000" / name).is_file(), f"eval/3000/{name}")
 
+  check((digits / "noisy_classifier" / "checkpoints" / "500").is_dir(),
+        "noisy classifier checkpoint at step 500")
+  compare = digits / "eval" / "compare" / "3000"
+  rows = {(r["rule"], r["strength"]): r
+          for r in json.loads((compare / "results.json").read_text())["records"]}
+  rules = ("cfg", "classifier", "cfg_rescale", "apg", "autoguidance")
+  check(sorted(rows) == sorted((r, s) for r in rules for s in (0.0, 1.0, 4.0)),
+        "the comparison has every rule at every strength")
+  for rule in rules[1:]:  # Strength 0 is the conditional model for every rule.
+    fid, cfg_fid = rows[rule, 0.0]["fid"], rows["cfg", 0.0]["fid"]
+    check(abs(fid - cfg_fid) <= 1e-3 * cfg_fid, f"{rule} at 0 = cfg at w=0 ({fid:.4f})")
+  for name in ("fid_vs_is.png", "accuracy_vs_diversity.png", "results.md"):
+    check((compare / name).is_file(), f"eval/compare/3000/{name}")
+
   for path in (out / "fig2.png", out / "cfg_toy2d" / "samples" / "step_3000_fig2.png"):
     with Image.open(path) as image:
       check(min(image.size) > 200, f"{path.name} is a {image.size} picture")

@@ -55,7 +55,8 @@ class Model:
     return settings.replace(**sampler_options)
 
   def sample(self, labels: Sequence[int], *, guidance_weight, num_steps: int | None = None,
-             seed: int = 0, negative_labels=None, **sampler_options) -> np.ndarray:
+             seed: int = 0, negative_labels=None, negative_eps_fn=None,
+             classifier_fn=None, **sampler_options) -> np.ndarray:
     """Samples with classifier-free guidance, example i from fold_in(key(seed), i).
 
     Args:
@@ -64,15 +65,20 @@ class Model:
       num_steps: T (default: the run's sample.num_steps).
       seed: the sampling seed.
       negative_labels: the negative branch's labels, scalar or [N] (default ∅).
+      negative_eps_fn: guidance="autoguidance"'s weak model (another `load(...).eps_fn`).
+      classifier_fn: guidance="classifier"'s noisy classifier
+        (`load_classifier(...).classifier_fn`).
       **sampler_options: `generate.Settings` fields, e.g. sampler="ddim", v=0.2,
-        clip_x="dynamic", batch_size=256, guidance_interval=(-5.0, 5.0).
+        clip_x="dynamic", batch_size=256, guidance_interval=(-5.0, 5.0),
+        guidance="apg", guidance_params={"eta": 0.0, "momentum": -0.5}.
 
     Returns:
       uint8 [N, H, W, C] images; for a point model (the toy MLP), float32 [N, dim].
     """
     settings = self.settings(num_steps, **sampler_options)
     x = generate.draw(self.eps_fn, labels, guidance_weight, settings=settings, seed=seed,
-                      negative_labels=negative_labels, mesh=self.mesh)
+                      negative_labels=negative_labels, negative_eps_fn=negative_eps_fn,
+                      classifier_fn=classifier_fn, mesh=self.mesh)
     return images.to_uint8(x) if len(settings.shape) == 3 else x
 
 

@@ -20,6 +20,11 @@ RUNNERS = {
     # the core set's resolution for other platforms is .ci/check_platforms.
     'pip install -e ".[cuda12,tf]" -c constraints.txt': ".ci/check_platforms",
     "python -m cfg_guidance.toy --out=": ".ci/readme_commands",
+    # The noisy classifier and the guidance comparison on the Quickstart's run, quick.
+    "python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits "
+    "--mode=train_classifier": ".ci/readme_commands",
+    "python -m cfg_guidance.main --config=configs/digits.py --workdir=/tmp/cfg_digits "
+    "--mode=compare": ".ci/readme_commands",
     "python -m cfg_guidance.main --config=configs/toy2d.py": ".ci/readme_commands",
     # On a fake ILSVRC2012 in the real layout, a tiny model, a stand-in Inception graph.
     'python -c "import tensorflow_datasets as tfds; tfds.builder(\'imagenet2012\'':

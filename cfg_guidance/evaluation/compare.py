@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> list[dict
       for strength in config.compare.strengths:
         w, settings = _settings(config, evaluation.settings, rule, float(strength))
         record = evaluation.weight_metrics(
-            model.eps_fn, w, settings, progress=f"{rule} at {strength:g}",
+            model.eps_fn, w, settings, progress=f"{rule} {_strength(rule, strength)}",
             **networks.get(rule, {}))
         if evaluation.is_chief:
           records.append({"rule": rule, "strength": float(strength), **record})
@@ -145,7 +145,7 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
                                                for c in columns) + " |",
            "|:--|--:|" + "--:|" * len(columns)]
   for r in records:
-    strength = f"s = {r['strength']:g}" if r["rule"] == "classifier" else f"w = {r['strength']:g}"
+    strength = _strength(r["rule"], r["strength"]).replace("=", " = ")
     lines.append(f"| {_rule_label(r['rule'], metadata)} | {strength} | "
                  + " | ".join(report.format_cell(r, c) for c in columns) + " |")
   caption = (f"Step {metadata['step']}: {metadata['num_samples']} samples per row, "
@@ -154,6 +154,10 @@ def to_markdown(metadata: dict, records: list[dict]) -> str:
   if not metadata["comparable"]:
     caption += " (a stand-in network: not comparable with published FID/IS)"
   return "\n".join(lines) + f"\n\n{caption}.\n"
+
+
+def _strength(rule: str, strength: float) -> str:
+  return f"{'s' if rule == 'classifier' else 'w'}={strength:g}"
 
 
 def _rule_label(rule: str, metadata: dict) -> str:
