@@ -217,8 +217,8 @@ def test_progress_lines_count_rate_and_eta(monkeypatch):
                    "training: 500/1000 steps (50%), 10.0 steps/s, ETA 50s"]
 
 
-@pytest.mark.parametrize("seconds,text", [(0.4, "0s"), (59, "59s"), (61, "1m01s"),
+@pytest.mark.parametrize("value,text", [(0.4, "0s"), (59, "59s"), (61, "1m01s"),
                                           (3600 * 2 + 7 * 60 + 20, "2h07m"),
                                           (float("inf"), "?")])
-def test_duration(seconds, text):
-  assert reporting.duration(seconds) == text
+def test_clock_text(value, text):
+  assert reporting.clock_text(value) == text

@@ -169,10 +169,10 @@ class Progress:
     rate = (done - self.start_count) / max(elapsed, 1e-9)
     left = (self.total - done) / rate if rate > 0 else float("inf")
     logging.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, ETA %s", self.what, done, self.total,
-                 self.unit, 100 * done / self.total, rate, self.unit, duration(left))
+                 self.unit, 100 * done / self.total, rate, self.unit, clock_text(left))
 
 
-def duration(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
   """12s, 3m05s, 2h07m."""
   if not np.isfinite(seconds):
     return "?"
